@@ -1,0 +1,53 @@
+# mlops-basics: `make run` runs the pipeline, `make test` runs the tests. Both set themselves up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= train,serve,lambda,aws,dev
+
+# Offline machines: point MLOPS_COLA_PATH at a local copy of CoLA (the zip or its raw/ directory).
+# A checkout next to a shared/ folder (as in this project's CI) uses the copy there.
+SHARED_COLA := $(abspath ../shared/data/cola)
+ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
+export MLOPS_COLA_PATH ?= $(SHARED_COLA)
+endif
+
+.PHONY: help install run test test-fast export clean-notebooks readme lab clean
+
+help:
+	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate (only what is out of date)"
+	@echo "make test       run the whole test suite (notebooks, package, slow tests)"
+	@echo "make test-fast  the same without the tests marked slow"
+	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
+	@echo "make lab        JupyterLab on the notebooks"
+
+install: $(VENV)/.installed
+
+# torch first, pinned: anything that asks for an unpinned torch would otherwise pull a multi-GB CUDA build.
+$(VENV)/.installed: setup.py settings.ini constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+# The whole pipeline (data -> train -> export -> evaluate), only what is out of date; see dvc.yaml.
+run: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+test: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest
+
+test-fast: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -m "not slow"
+
+export: install
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	$(BIN)/python tools/sync_readme.py
+
+lab: install
+	$(BIN)/jupyter lab nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
+clean:
+	rm -rf artifacts multirun outputs .pytest_cache build dist *.egg-info

@@ -1,0 +1,63 @@
+"""Benchmark one full `mlops-train` run with the default config on this machine.
+
+Writes benchmarks/results/training_cpu.json: per-epoch validation metrics and time, wall time, samples/s and
+peak memory. The docs page nbs/benchmarks.ipynb renders it. Run with nothing else busy:
+
+    python benchmarks/train_benchmark.py [extra Hydra overrides]
+"""
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ROOT = ROOT/"benchmarks"/"runs"/"training_cpu"
+RESULT = ROOT/"benchmarks"/"results"/"training_cpu.json"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(overrides: list[str]) -> dict:
+    from mlops_basics.artifacts import package_versions, read_metadata
+    command = [str(Path(sys.executable).parent/"mlops-train"), f"paths.root={RUN_ROOT}", "training.resume=false",
+               "trainer.enable_progress_bar=false", *overrides]
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - started
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    metadata = read_metadata(RUN_ROOT/"model")
+    history = metadata["history"]
+    train_s = history[-1]["elapsed_s"]
+    epochs = len(history)
+    n_train = 8551
+    result = {
+        "what": "one mlops-train run with the default config" + (f" and {' '.join(overrides)}" if overrides else ""),
+        "date": dt.date.today().isoformat(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "backbone": metadata["backbone"],
+        "epochs": epochs,
+        "max_epochs": metadata["config"]["trainer"]["max_epochs"],
+        "wall_s": round(wall, 1),
+        "train_and_validation_s": train_s,
+        "samples_per_s": round(n_train * epochs / train_s, 1),
+        "peak_rss_mb": round(peak_rss_mb),
+        "final_metrics": metadata["metrics"],
+        "history": history,
+        "versions": package_versions(),
+    }
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    r = main(sys.argv[1:])
+    print(json.dumps({k: r[k] for k in ("epochs", "wall_s", "samples_per_s", "peak_rss_mb", "final_metrics")}, indent=2))

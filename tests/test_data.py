@@ -1,0 +1,90 @@
+"""The CoLA loader from outside: real HTTP downloads from a local server, the shared copy, and bad data."""
+import http.server
+import threading
+import zipfile
+from functools import partial
+
+import pytest
+
+from mlops_basics.data import (COLA_ENV_VAR, COLA_ZIP_SHA256, ColaDataError, download_cola, load_cola, read_cola_files,
+                               sha256_file)
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    "A static file server on 127.0.0.1 serving `tmp_path/'www'`; yields its base URL."
+    root = tmp_path/"www"; root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True); thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown(); server.server_close()
+
+
+def test_download_over_http_is_verified_and_cached(http_server, cola_zip, tmp_path):
+    url, www = http_server
+    (www/"cola_public_1.1.zip").write_bytes(cola_zip.read_bytes())
+    cached = download_cola(f"{url}/cola_public_1.1.zip", cache_dir=tmp_path/"cache")
+    assert sha256_file(cached) == COLA_ZIP_SHA256
+    (www/"cola_public_1.1.zip").unlink()  # the second call must not need the server
+    assert download_cola(f"{url}/cola_public_1.1.zip", cache_dir=tmp_path/"cache") == cached
+    splits = load_cola(cached)
+    assert (len(splits.train), len(splits.validation)) == (8551, 1043)
+
+
+def test_truncated_download_fails_and_leaves_no_file(http_server, cola_zip, tmp_path):
+    url, www = http_server
+    (www/"cola_public_1.1.zip").write_bytes(cola_zip.read_bytes()[:100_000])
+    with pytest.raises(ColaDataError, match="sha256 mismatch"):
+        download_cola(f"{url}/cola_public_1.1.zip", cache_dir=tmp_path/"cache")
+    assert list((tmp_path/"cache").iterdir()) == []
+
+
+def test_unreachable_server_says_how_to_work_offline(tmp_path):
+    with pytest.raises(ColaDataError, match=COLA_ENV_VAR):
+        download_cola("http://127.0.0.1:9/cola_public_1.1.zip", cache_dir=tmp_path, timeout=5)
+
+
+def test_env_var_points_at_local_copy(cola_path, monkeypatch):
+    monkeypatch.setenv(COLA_ENV_VAR, str(cola_path))
+    assert load_cola().source == str(cola_path)
+
+
+def test_zip_and_directory_give_the_same_splits(cola_path, cola_zip):
+    from_zip, from_dir = load_cola(cola_zip), load_cola(cola_path)
+    assert from_zip.data_sha256 == from_dir.data_sha256
+    assert from_zip.train == from_dir.train and from_zip.validation == from_dir.validation
+
+
+def _rezip(src, dst, edit):
+    "Copy the release zip, applying `edit(name, data)` to each member."
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist(): zout.writestr(item, edit(item.filename, zin.read(item.filename)))
+    return dst
+
+
+def test_malformed_row_names_file_and_line(cola_zip, tmp_path):
+    def break_row(name, data):
+        return data.replace(b"\t1\t\t", b"\t1\t", 1) if name.endswith("raw/in_domain_dev.tsv") else data
+    bad = _rezip(cola_zip, tmp_path/"bad.zip", break_row)
+    with pytest.raises(ColaDataError, match=r"in_domain_dev.tsv: sha256 mismatch"):
+        load_cola(bad)
+    with pytest.raises(ColaDataError, match=r"in_domain_dev.tsv, line 1: expected 4 tab-separated columns"):
+        load_cola(bad, verify=False)
+
+
+def test_missing_member_and_corrupt_zip(cola_zip, tmp_path):
+    with zipfile.ZipFile(cola_zip) as zin, zipfile.ZipFile(tmp_path/"partial.zip", "w") as zout:
+        for item in zin.infolist():
+            if "out_of_domain" not in item.filename: zout.writestr(item, zin.read(item.filename))
+    with pytest.raises(ColaDataError, match=r"partial.zip: the zip has no raw/out_of_domain_dev.tsv"):
+        read_cola_files(tmp_path/"partial.zip")
+    (tmp_path/"junk.zip").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(ColaDataError, match="junk.zip: not a readable zip file"):
+        read_cola_files(tmp_path/"junk.zip")
+
+
+def test_missing_path_names_it(tmp_path):
+    with pytest.raises(ColaDataError, match=f"CoLA data not found at {tmp_path}/nope"):
+        load_cola(tmp_path/"nope")

@@ -1,0 +1,45 @@
+"""Every notebook runs top to bottom under nbdev_test (its examples are its tests); slow cells run in slow tests."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT
+
+NOTEBOOKS = sorted(p for p in (ROOT/"nbs").glob("*.ipynb") if not p.name.startswith("_"))
+
+
+def has_flag(notebook: Path, flag: str) -> bool:
+    cells = json.loads(notebook.read_text())["cells"]
+    return any(cell["cell_type"] == "code" and any(line.strip() == f"#| {flag}" for line in "".join(cell["source"]).splitlines())
+               for cell in cells)
+
+
+def nbdev_test(notebook: Path, *flags: str):
+    proc = subprocess.run([str(BIN/"nbdev_test"), "--path", str(notebook), "--n_workers", "0", *(["--flags", " ".join(flags)] if flags else [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{notebook.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook(notebook):
+    nbdev_test(notebook)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", [p for p in NOTEBOOKS if has_flag(p, "slow")], ids=lambda p: p.stem)
+def test_notebook_slow_cells(notebook):
+    nbdev_test(notebook, "slow")
+
+
+def test_notebooks_are_clean_tutorial_pages():
+    "Each notebook opens with a '# Week …' (or project) title and a one-line summary, and has at most one parameters cell."
+    for notebook in NOTEBOOKS:
+        cells = json.loads(notebook.read_text())["cells"]
+        first = "".join(cells[0]["source"])
+        assert cells[0]["cell_type"] == "markdown" and first.startswith("# "), notebook.name
+        assert "\n> " in first, f"{notebook.name}: the title cell needs a '> summary' line"
+        tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) <= 1, notebook.name

@@ -1,0 +1,222 @@
+"""The serving side from outside: `mlops-serve` over real HTTP, its page in Chromium, schemathesis, the Lambda handler,
+and a fresh virtual environment with only the serve extra."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
+    "(status, headers, body bytes) of one HTTP request, errors included."
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r: return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e: return e.code, dict(e.headers), e.read()
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read().decode()[-3000:] if process.stderr else ''}")
+        try:
+            status, _, body = http("GET", f"{url}/health", timeout=2)
+            if status == 200: return json.loads(body)
+        except OSError: pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not become healthy in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def serving_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    "A serving directory exported by `mlops-export` from the tiny trained model."
+    out = tmp_path_factory.mktemp("serving")/"serving"
+    proc = run_cli("mlops-export", tiny_model_dir, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(serving_dir, tmp_path_factory):
+    "`mlops-serve` on a free port; yields (base URL, path of its stdout log)."
+    port, log = free_port(), tmp_path_factory.mktemp("server")/"stdout.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN/"mlops-serve"), "--serving-dir", str(serving_dir), "--port", str(port), "--max-batch", "16"],
+                                stdout=out, stderr=subprocess.PIPE, env={**os.environ, "MLOPS_THREADS": "1"})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_healthy(url, proc)
+            yield url, log
+        finally:
+            proc.terminate(); proc.wait(timeout=30)
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_predict_health_and_metrics_over_http(server):
+    url, log = server
+    status, headers, body = http("POST", f"{url}/predict", json.dumps({"sentences": ["She sang.", "Sang she the."]}).encode(),
+                                 {**JSON, "X-Request-ID": "http-test-1"})
+    assert status == 200 and headers["x-request-id"] == "http-test-1"
+    answer = json.loads(body)
+    assert [round(sum(p["probabilities"].values()), 6) for p in answer["predictions"]] == [1.0, 1.0]
+    health = json.loads(http("GET", f"{url}/health")[2])
+    assert health["status"] == "ready" and health["model"]["version"] == answer["model_version"]
+    metrics = http("GET", f"{url}/metrics")[2].decode()
+    assert 'mlops_requests_total{method="POST",route="/predict",status="200"}' in metrics
+    assert "mlops_prediction_score_bucket" in metrics
+    time.sleep(0.2)
+    lines = [json.loads(l) for l in log.read_text().splitlines() if l.startswith("{")]
+    mine = [l for l in lines if l.get("request_id") == "http-test-1"]
+    assert len(mine) == 1 and mine[0]["event"] == "predict" and mine[0]["n"] == 2 and "text" not in mine[0]["predictions"][0]
+
+
+BAD_REQUESTS = {
+    "empty batch": (b'{"sentences": []}', JSON, 422),
+    "too many": (json.dumps({"sentences": ["a"] * 17}).encode(), JSON, 422),
+    "too long": (json.dumps({"sentences": ["a" * 1001]}).encode(), JSON, 422),
+    "wrong type": (b'{"sentences": "just one string"}', JSON, 422),
+    "null": (b"null", JSON, 422),
+    "malformed": (b'{"sentences": [', JSON, 400),
+    "invalid utf-8": (b'{"sentences": ["\xc3\x28"]}', JSON, 400),
+    "wrong content type": (b'{"sentences": ["a"]}', {"Content-Type": "text/plain"}, 415),
+    "no content type": (b'{"sentences": ["a"]}', {}, 415),
+    "huge body": (b'{"sentences": ["' + b"a" * 2_000_000 + b'"]}', JSON, 413),
+}
+
+
+def raw_post(url: str, path: str, body: bytes, headers: dict) -> tuple[int, bytes]:
+    "POST over a plain socket, tolerating a server that answers (e.g. 413) and closes before the body is sent."
+    host, port = url.removeprefix("http://").split(":")
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Host": host, "Content-Length": str(len(body)), "Connection": "close"}.items())
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
+        try: sock.sendall(body)
+        except (BrokenPipeError, ConnectionResetError): pass  # the server has already answered
+        response = b""
+        try:
+            while chunk := sock.recv(65536): response += chunk
+        except ConnectionResetError: pass
+    status_line, _, rest = response.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_requests_get_clear_4xx(server, name):
+    body, headers, expected = BAD_REQUESTS[name]
+    status, answer = raw_post(server[0], "/predict", body, headers)
+    assert status == expected, answer[:500]
+    assert "detail" in json.loads(answer)
+
+
+def test_server_refuses_to_start_without_a_model(tmp_path):
+    proc = run_cli("mlops-serve", "--serving-dir", tmp_path/"missing", "--port", str(free_port()), timeout=60)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_server_refuses_a_corrupt_model(serving_dir, tmp_path):
+    broken = tmp_path/"serving"; shutil.copytree(serving_dir, broken)
+    meta = json.loads((broken/"metadata.json").read_text())
+    model = broken/meta["variants"][meta["default_variant"]]["file"]
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    proc = run_cli("mlops-serve", "--serving-dir", broken, "--port", str(free_port()), timeout=60)
+    assert proc.returncode == 2 and "does not match its metadata" in proc.stderr
+
+
+def test_schemathesis_finds_no_server_errors(server, tmp_path):
+    "Property-based requests generated from the OpenAPI schema: no 5xx, and responses match the schema."
+    url = server[0]
+    proc = subprocess.run([str(BIN/"schemathesis"), "run", f"{url}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance",
+                           "--mode", "all", "--max-examples", "150", "--phases", "examples,coverage,fuzzing", "--seed", "1", "--no-color"],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    generated = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
+    assert generated and int(generated[1]) >= 100 and generated[1] == generated[2], proc.stdout[-2000:]
+
+
+def test_page_in_headless_chromium(server):
+    "A person types a sentence into the page and sees a label and its probability."
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is needed (apt-get install chromium): .ci/run installs it"
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                                     "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(server[0] + "/")
+            page.fill("#sentence", "The children are playing in the garden.")
+            page.click("#submit")
+            page.wait_for_selector("#label", timeout=15_000)
+            label, score = page.text_content("#label"), page.text_content("#score")
+            width = page.eval_on_selector(".bar>div", "e => e.style.width")
+        finally:
+            browser.close()
+    assert label in ("acceptable", "unacceptable") and score.endswith("% sure)") and width.endswith("%")
+
+
+def test_lambda_handler_in_process(serving_dir, monkeypatch):
+    monkeypatch.setenv("MLOPS_SERVING_DIR", str(serving_dir))
+    from mlops_basics import lambda_handler
+    lambda_handler._runtime.clear()
+    events = Path(__file__).parent/"events"
+    for name, status in (("apigw_v1.json", 200), ("apigw_v2.json", 200), ("function_url.json", 200)):
+        answer = lambda_handler.handler(json.loads((events/name).read_text()), None)
+        assert answer["statusCode"] == status, (name, answer)
+    direct = lambda_handler.handler(json.loads((events/"direct.json").read_text()), None)
+    assert len(direct["predictions"]) == 1 and direct["model_version"]
+    assert lambda_handler.handler({"sentences": ["x" * 5000]}, None)["statusCode"] == 422
+
+
+@pytest.mark.slow
+def test_serve_extra_alone_in_a_fresh_venv(serving_dir, tmp_path):
+    "Build the wheel, install only [serve,lambda] into a new venv: predictor, app and handler work there without torch."
+    dist = tmp_path/"dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)], check=True)
+    venv = tmp_path/"venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    wheel = next(dist.glob("mlops_basics-*.whl"))
+    subprocess.run([str(venv/"bin"/"pip"), "install", "-q", "-c", str(ROOT/"constraints.txt"), f"{wheel}[serve,lambda]"], check=True, timeout=900)
+    probe = f"""
+import json, sys, time
+started = time.perf_counter()
+from mlops_basics.predictor import ONNXPredictor
+p = ONNXPredictor({str(serving_dir)!r})
+p.predict(["It works."])
+first = time.perf_counter() - started
+from fastapi.testclient import TestClient
+from mlops_basics.app import create_app, ServeSettings
+client = TestClient(create_app(ServeSettings(serving_dir={str(serving_dir)!r})))
+assert client.post("/predict", json={{"sentences": ["Hello there."]}}).status_code == 200
+import os; os.environ["MLOPS_SERVING_DIR"] = {str(serving_dir)!r}
+from mlops_basics.lambda_handler import handler
+assert handler({{"sentence": "Hi."}}, None)["predictions"]
+print(json.dumps({{"heavy": sorted({{'torch', 'transformers', 'pytorch_lightning', 'lightning'}} & set(sys.modules)), "first_prediction_s": first}}))
+"""
+    out = subprocess.run([str(venv/"bin"/"python"), "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    listed = subprocess.run([str(venv/"bin"/"pip"), "list", "--format=json"], capture_output=True, text=True, check=True).stdout
+    names = {p["name"].lower() for p in json.loads(listed)}
+    assert not names & {"torch", "transformers", "pytorch-lightning", "lightning"}
+    size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
+    print(f"serve-only venv: {size_mb:.0f} MB, first prediction {result['first_prediction_s']:.2f} s")
+    assert size_mb < 400  # a regression guard; the measured size is in the benchmarks page

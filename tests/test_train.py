@@ -1,0 +1,123 @@
+"""`mlops-train` from outside the repository: artifacts, errors, W&B offline, resume after a kill, DDP."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BIN, TINY_TRAIN, run_cli
+from mlops_basics.artifacts import read_metadata
+
+
+def test_train_writes_the_artifacts_contract(tiny_model_dir):
+    names = {p.name for p in tiny_model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metadata.json"} <= names
+    meta = read_metadata(tiny_model_dir)
+    assert meta["labels"] == ["unacceptable", "acceptable"] and meta["max_length"] == 128
+    assert set(meta["metrics"]) == {"mcc", "accuracy", "f1", "precision", "recall"}
+    assert meta["config"]["model"]["backbone"] == "tiny-random-bert"
+    assert len(meta["data_sha256"]) == 64 and meta["git"].keys() == {"commit", "dirty"}
+    assert sum(map(sum, meta["confusion_matrix"])) == 1043
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in tiny_model_dir.iterdir())  # readable by a non-root server
+
+
+def test_predictor_on_trained_artifacts(tiny_model_dir):
+    from mlops_basics.inference import Predictor
+    predictor = Predictor(tiny_model_dir)
+    sentences = ["The book was read by the student.", "Book the the read.", "", "Ünïcödé? 🙂", "long " * 600]
+    probs = predictor.predict_proba(sentences)
+    assert probs.shape == (5, 2) and np.allclose(probs.sum(1), 1)
+    assert np.allclose(np.vstack([predictor.predict_proba(s) for s in sentences]), probs, atol=1e-5)
+
+
+def test_train_runs_from_any_directory_and_prints_mcc(tmp_path):
+    proc = run_cli("mlops-train", *TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=2", f"paths.root={tmp_path/'run'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation MCC" in proc.stdout
+    assert (tmp_path/"run"/"hydra").is_dir()  # Hydra's record of the run's config and log
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.learning_rate=abc", "could not be converted to Float"),
+    ("training.warmup_ratio=1.5", "training.warmup_ratio must be in [0, 1), got 1.5"),
+    ("model.backbone=roberta-giant", "use one of all-MiniLM-L6-v2, google/bert_uncased_L-2_H-128_A-2, tiny-random-bert"),
+    ("trainer=tpu_pod", "Available options in 'trainer'"),
+    ("data.source=/nonexistent/cola.zip", "CoLA data not found at /nonexistent/cola.zip"),
+])
+def test_bad_config_is_a_clear_error(override, message, tmp_path):
+    proc = run_cli("mlops-train", *TINY_TRAIN, override, f"paths.root={tmp_path}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_hub_backbone_fails_fast_offline(tmp_path):
+    proc = run_cli("mlops-train", "model=bert_tiny", "logger=none", f"paths.root={tmp_path}", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 2
+    assert "could not load backbone 'google/bert_uncased_L-2_H-128_A-2'" in proc.stderr
+
+
+def test_wandb_offline_run_has_report_and_model(tmp_path):
+    proc = run_cli("mlops-train", "model=tiny_random", "logger=wandb", "trainer.num_threads=1", "trainer.max_epochs=1",
+                   "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false", f"paths.root={tmp_path}", cwd=tmp_path,
+                   env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path/"logs"/"wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    tables = {p.name.split("_")[0]: json.loads(p.read_text()) for p in runs[0].glob("files/media/table/validation/*.table.json")}
+    report = json.loads((tmp_path/"logs"/"report"/"report.json").read_text())
+    assert len(tables["misclassified"]["data"]) == report["n_misclassified"]
+    assert sum(row[2] for row in tables["confusion"]["data"]) == 1043
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+    "SIGKILL mid-epoch after a step checkpoint; the same command resumes from it and finishes."
+    args = [*TINY_TRAIN, "trainer.max_epochs=2", "training.checkpoint_every_n_steps=20", "data.batch_size=8", f"paths.root={tmp_path}"]
+    proc = subprocess.Popen([str(BIN/"mlops-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    last = tmp_path/"checkpoints"/"last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    time.sleep(0.5)  # let the checkpoint write complete, then kill without warning
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert last.exists() and not (tmp_path/"model").exists()
+
+    import torch
+    interrupted_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < interrupted_at < 1069  # mid-way through the first epoch (8551 / 8 batches)
+    resumed = run_cli("mlops-train", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming the interrupted run from {last}" in resumed.stdout
+    meta = read_metadata(tmp_path/"model")
+    assert meta["resumed_from"] == str(last)
+    assert [h["epoch"] for h in meta["history"]] == [1, 2] and meta["history"][-1]["step"] == 2 * 1069
+    assert not last.exists()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path):
+    proc = run_cli("mlops-train", *TINY_TRAIN, "trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=6",
+                   f"paths.root={tmp_path}", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    meta = read_metadata(tmp_path/"model")
+    assert meta["config"]["trainer"]["devices"] == 2 and meta["config"]["trainer"]["strategy"] == "ddp"
+    assert meta["history"][0]["step"] == 6  # each process ran 6 batches: one optimizer step each, synchronised
+
+
+@pytest.mark.slow
+def test_training_notebook_runs_under_papermill(tmp_path):
+    from conftest import ROOT
+    out = tmp_path/"trained.ipynb"
+    proc = subprocess.run([str(BIN/"papermill"), str(ROOT/"nbs"/"00c_model.ipynb"), str(out), "-p", "backbone", "tiny-random-bert",
+                           "-p", "max_epochs", "1", "-p", "limit_train_batches", "4", "-p", "num_threads", "1",
+                           "-p", "output_dir", str(tmp_path/"model"), "--cwd", str(ROOT/"nbs"), "-k", "python3"],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "IN_TEST": ""})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    executed = json.loads(out.read_text())
+    assert any("injected-parameters" in c["metadata"].get("tags", []) for c in executed["cells"])
+    assert read_metadata(tmp_path/"model")["backbone"] == "tiny-random-bert"
