@@ -1,44 +1,55 @@
 # syntax=docker/dockerfile:1
 # The serving image: the mlops-basics wheel with its serve and lambda extras (no torch), and a serving directory.
 #   dvc pull export                      # or: mlops-export artifacts/model artifacts/serving
-#   docker build -t mlops-basics .       # BASE and SERVING_DIR can be changed with --build-arg
-#   docker run -p 8080:8080 mlops-basics             # HTTP on :8080 (uvicorn)
-#   docker run mlops-basics lambda                   # the AWS Lambda runtime client
-# Behind a TLS-intercepting proxy, pass its CA bundle as a build secret (never a layer):
+#   docker build -t mlops-basics .       # BASE and SERVING_DIR (a path inside the context) can be changed with --build-arg
+#   docker run -p 127.0.0.1:8080:8080 mlops-basics    # HTTP on :8080 (uvicorn); WORKERS=2 for two server processes
+#   docker run mlops-basics lambda                    # the AWS Lambda runtime client (the image as a Lambda function)
+# Behind a TLS-intercepting proxy, pass its CA bundle as a build secret (mounted for one RUN, never in a layer):
 #   docker build --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt .
+# podman: add `--format docker`, or the OCI format drops the HEALTHCHECK.
 ARG BASE=python:3.11-slim
 
+# Stage 1: build the package's wheel (setup.py reads settings.ini; build isolation fetches setuptools).
 FROM ${BASE} AS wheel
 WORKDIR /src
 COPY setup.py settings.ini README.md LICENSE ./
 COPY mlops_basics ./mlops_basics
 RUN --mount=type=secret,id=ca_bundle,required=false \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
-    python3 -m venv /build && /build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
+    python3 -m venv /build && /build/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps --wheel-dir /dist .
 
+# Stage 2: the image itself, on the same base.
 FROM ${BASE}
 ARG SERVING_DIR=artifacts/serving
+LABEL org.opencontainers.image.title="mlops-basics" \
+      org.opencontainers.image.description="A CoLA grammar classifier served by FastAPI or AWS Lambda on ONNX Runtime" \
+      org.opencontainers.image.licenses="Apache-2.0"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MLOPS_SERVING_DIR=/opt/mlops/serving \
-    PORT=8080
-COPY constraints.txt /tmp/constraints.txt
-COPY --from=wheel /dist/ /tmp/dist/
-# Versions come from constraints.txt, which pins every package the serve and lambda extras need.
-# hadolint ignore=DL3013,DL3042
+    PORT=8080 \
+    WORKERS=1
+# The wheel and the constraints are bind-mounted for this one step, so no layer keeps them. Every version comes from
+# constraints.txt, which pins all that the serve and lambda extras need; pip's own cache is off.
+# hadolint ignore=DL3013
 RUN --mount=type=secret,id=ca_bundle,required=false \
+    --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
+    --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
-    python3 -m venv /opt/venv \
-    && wheel="$(ls /tmp/dist/mlops_basics-*.whl)" \
-    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -c /tmp/constraints.txt "${wheel}[serve,lambda]" \
-    && rm -rf /tmp/dist /tmp/constraints.txt \
-    && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mlops
+    set -- /tmp/dist/mlops_basics-*.whl \
+    && python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -c /tmp/constraints.txt "$1[serve,lambda]" \
+    && groupadd --system --gid 10001 mlops \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mlops
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/mlops-entrypoint
+# Owned by root and read-only for the server; mlops-export writes its files 0644, so the non-root user can read them.
 COPY ${SERVING_DIR} /opt/mlops/serving
-USER mlops
+# A numeric user, so that Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+# Fail the build, not the first request, when the serving directory is incomplete, corrupt or unreadable.
+RUN python3 -c "from mlops_basics.predictor import ONNXPredictor; ONNXPredictor('/opt/mlops/serving').predict(['It builds.'])"
 EXPOSE 8080
-HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8080')}/health\", timeout=4)"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 CMD ["mlops-entrypoint", "health"]
 ENTRYPOINT ["mlops-entrypoint"]
 CMD ["serve"]

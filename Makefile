@@ -12,11 +12,11 @@ ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
 export MLOPS_COLA_PATH ?= $(SHARED_COLA)
 endif
 
-.PHONY: help install run test test-fast export clean-notebooks readme lab clean
+.PHONY: help install system-packages run test test-fast export clean-notebooks readme lab clean
 
 help:
 	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate (only what is out of date)"
-	@echo "make test       run the whole test suite (notebooks, package, slow tests)"
+	@echo "make test       run the whole test suite (notebooks, package, slow tests; container tests need root for podman)"
 	@echo "make test-fast  the same without the tests marked slow"
 	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
 	@echo "make lab        JupyterLab on the notebooks"
@@ -35,7 +35,12 @@ $(VENV)/.installed: setup.py settings.ini constraints.txt
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-test: install
+# Debian packages the tests use (podman, runc, debootstrap, wrk, chromium, ...): installed when missing if we are root;
+# otherwise run `sudo .ci/system-packages` once.
+system-packages:
+	@if [ "$$(id -u)" = 0 ]; then .ci/system-packages; else echo "not root: run 'sudo .ci/system-packages' if podman, wrk, ... are missing"; fi
+
+test: install system-packages
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest
 
 test-fast: install

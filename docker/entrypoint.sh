@@ -1,11 +1,14 @@
 #!/bin/sh
-# The image's entrypoint: `serve` (default) runs the HTTP server, `lambda` the AWS Lambda runtime client;
-# anything else is run as a command.
+# The image's entrypoint: `serve` (default) runs the HTTP server (PORT, WORKERS), `lambda` the AWS Lambda runtime client,
+# `health` checks the HTTP server's /health (the image's HEALTHCHECK); anything else is run as a command.
 set -e
 command="${1:-serve}"
 [ "$#" -gt 0 ] && shift
 case "$command" in
   serve)  exec mlops-serve --host 0.0.0.0 --port "${PORT:-8080}" --workers "${WORKERS:-1}" "$@" ;;
   lambda) exec python3 -m awslambdaric "${1:-mlops_basics.lambda_handler.handler}" ;;
+  health) exec python3 -c "import os, sys, urllib.request
+try: urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8080')}/health\", timeout=4)
+except Exception as e: sys.exit(f'unhealthy: {e}')" ;;
   *)      exec "$command" "$@" ;;
 esac

@@ -1,8 +1,13 @@
 """Shared set-up for the test suite: offline, quiet, on the shared CoLA copy, tiny models on one thread."""
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,3 +61,81 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     proc = run_cli("mlops-train", *TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=4", f"paths.root={root}", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root/"model"
+
+
+@pytest.fixture(scope="session")
+def serving_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    "A serving directory exported by `mlops-export` from the tiny trained model."
+    out = tmp_path_factory.mktemp("serving")/"serving"
+    proc = run_cli("mlops-export", tiny_model_dir, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
+    "(status, headers, body bytes) of one HTTP request, errors included."
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r: return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e: return e.code, dict(e.headers), e.read()
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read().decode()[-3000:] if process.stderr else ''}")
+        try:
+            status, _, body = http("GET", f"{url}/health", timeout=2)
+            if status == 200: return json.loads(body)
+        except OSError: pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not become healthy in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def server(serving_dir, tmp_path_factory):
+    "`mlops-serve` on a free port; yields (base URL, path of its stdout log)."
+    port, log = free_port(), tmp_path_factory.mktemp("server")/"stdout.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN/"mlops-serve"), "--serving-dir", str(serving_dir), "--port", str(port), "--max-batch", "16"],
+                                stdout=out, stderr=subprocess.PIPE, env={**os.environ, "MLOPS_THREADS": "1"})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_healthy(url, proc)
+            yield url, log
+        finally:
+            proc.terminate(); proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    "A moto server (AWS stand-in) on 127.0.0.1 and a free port; yields its URL, with dummy credentials in the environment."
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto")/"moto.log"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "eu-west-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN/"moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 60
+            while True:
+                if proc.poll() is not None: raise AssertionError(f"moto_server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+                try:
+                    with urllib.request.urlopen(f"{url}/moto-api/", timeout=2): break
+                except OSError:
+                    if time.time() > deadline: raise AssertionError("moto_server did not start in 60 s")
+                    time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate(); proc.wait(timeout=30)
+            for k, v in saved.items():
+                if v is None: os.environ.pop(k, None)
+                else: os.environ[k] = v

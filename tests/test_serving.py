@@ -14,57 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, run_cli
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
-    "(status, headers, body bytes) of one HTTP request, errors included."
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as r: return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e: return e.code, dict(e.headers), e.read()
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read().decode()[-3000:] if process.stderr else ''}")
-        try:
-            status, _, body = http("GET", f"{url}/health", timeout=2)
-            if status == 200: return json.loads(body)
-        except OSError: pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} did not become healthy in {timeout} s")
-
-
-@pytest.fixture(scope="session")
-def serving_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    "A serving directory exported by `mlops-export` from the tiny trained model."
-    out = tmp_path_factory.mktemp("serving")/"serving"
-    proc = run_cli("mlops-export", tiny_model_dir, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="session")
-def server(serving_dir, tmp_path_factory):
-    "`mlops-serve` on a free port; yields (base URL, path of its stdout log)."
-    port, log = free_port(), tmp_path_factory.mktemp("server")/"stdout.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN/"mlops-serve"), "--serving-dir", str(serving_dir), "--port", str(port), "--max-batch", "16"],
-                                stdout=out, stderr=subprocess.PIPE, env={**os.environ, "MLOPS_THREADS": "1"})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_healthy(url, proc)
-            yield url, log
-        finally:
-            proc.terminate(); proc.wait(timeout=30)
+from conftest import BIN, ROOT, free_port, http, run_cli, wait_until_healthy
 
 
 JSON = {"Content-Type": "application/json"}

@@ -1,0 +1,166 @@
+"""The DVC pipeline for real: repro, no-op repro, params that re-run only what depends on them, experiments,
+and push/pull through a local remote and an S3 remote (a moto server), byte for byte."""
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model=tiny_random", "logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.num_threads=1",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+OUTPUTS = ("data/cola", "artifacts/model", "artifacts/serving")
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
+def sh(*args, cwd, env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
+    "Run a command with the venv's tools first on PATH."
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **GIT_ENV, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})})
+    if check: assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def tree_digest(repo: Path) -> dict[str, str]:
+    "sha256 of every file of the pipeline's outputs."
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for out in OUTPUTS for p in sorted((repo/out).rglob("*")) if p.is_file()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    "A git + DVC repository with this project's pipeline (tiny params), reproduced once."
+    repo = tmp_path_factory.mktemp("pipeline")/"repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"): shutil.copy(ROOT/name, repo/name)
+    shutil.copytree(ROOT/"mlops_basics", repo/"mlops_basics", ignore=shutil.ignore_patterns("__pycache__"))
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("dvc", "config", "core.analytics", "false", cwd=repo)
+    sh("dvc", "remote", "add", "-d", "local", repo.parent/"remote", cwd=repo)
+    sh("mlops-pipeline", "params", *TINY, cwd=repo)
+    sh("git", "add", "-A", cwd=repo); sh("git", "commit", "-qm", "pipeline", cwd=repo)
+    sh("dvc", "repro", cwd=repo)
+    sh("git", "add", "-A", cwd=repo); sh("git", "commit", "-qm", "first run", cwd=repo)
+    return repo
+
+
+def test_repro_runs_every_stage(repo):
+    lock = (repo/"dvc.lock").read_text()
+    for stage in ("data", "train", "export", "evaluate"): assert f"  {stage}:" in lock
+    assert sorted(p.name for p in (repo/"data"/"cola").iterdir()) == ["in_domain_dev.tsv", "in_domain_train.tsv", "out_of_domain_dev.tsv", "provenance.json"]
+    assert {"model.onnx", "model.int8.onnx", "tokenizer.json", "metadata.json"} <= {p.name for p in (repo/"artifacts"/"serving").iterdir()}
+    metrics = json.loads((repo/"reports"/"metrics.json").read_text())
+    assert metrics["sentences"] == 1043 and -1 <= metrics["mcc"] <= 1
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    assert shown  # DVC reads the metrics file declared in dvc.yaml
+    plots = sh("dvc", "plots", "show", "--json", cwd=repo).stdout
+    for name in ("confusion.csv", "precision_recall.csv", "roc.csv", "epochs.csv"): assert name in plots
+
+
+def test_second_repro_does_nothing(repo):
+    before = (repo/"dvc.lock").read_text(), tree_digest(repo)
+    out = sh("dvc", "repro", cwd=repo).stdout
+    assert "Data and pipelines are up to date." in out
+    assert "Running stage" not in out
+    assert ((repo/"dvc.lock").read_text(), tree_digest(repo)) == before
+
+
+def test_a_param_reruns_only_what_depends_on_it(repo):
+    params = repo/"params.yaml"
+    params.write_text(params.read_text().replace("learning_rate: 5.0e-05", "learning_rate: 0.0002"))
+    status = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+    assert "train" in status and "data" not in status
+    out = sh("dvc", "repro", cwd=repo).stdout
+    assert "Stage 'data' didn't change, skipping" in out
+    for stage in ("train", "export", "evaluate"): assert f"Running stage '{stage}'" in out
+    assert "learning_rate: 0.0002" in (repo/"dvc.lock").read_text()
+    sh("git", "add", "-A", cwd=repo); sh("git", "commit", "-qm", "higher learning rate", cwd=repo)
+
+
+def test_experiments_run_and_compare(repo):
+    sh("dvc", "exp", "run", "-S", "training.learning_rate=0.0003", "-n", "lr-3e-4", cwd=repo)
+    rows = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
+    text = json.dumps(rows)
+    assert "lr-3e-4" in text and "0.0003" in text and "mcc" in text
+    sh("git", "checkout", "--", ".", cwd=repo); sh("dvc", "checkout", "-q", cwd=repo)  # back to the committed state
+
+
+def _wipe(repo: Path):
+    "Delete the DVC cache and every pipeline output: only git and the remote are left."
+    shutil.rmtree(repo/".dvc"/"cache", ignore_errors=True)
+    for out in OUTPUTS: shutil.rmtree(repo/out, ignore_errors=True)
+
+
+def test_push_and_pull_through_the_local_remote(repo):
+    expected = tree_digest(repo)
+    sh("dvc", "push", cwd=repo)
+    assert (repo.parent/"remote").is_dir()  # created by the first push
+    _wipe(repo)
+    sh("dvc", "pull", cwd=repo)
+    assert tree_digest(repo) == expected
+
+
+@pytest.fixture()
+def moto_s3(tmp_path):
+    "A moto server on 127.0.0.1 standing in for S3; yields its endpoint URL."
+    port = free_port()
+    proc = subprocess.Popen([str(BIN/"moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try: socket.create_connection(("127.0.0.1", port), timeout=1).close(); break
+            except OSError: time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate(); proc.wait(timeout=30)
+
+
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def test_push_and_pull_through_s3(repo, moto_s3, monkeypatch):
+    for k, v in AWS.items(): monkeypatch.setenv(k, v)
+    import boto3
+    boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket="mlops-basics-test")
+    sh("dvc", "remote", "add", "-f", "s3", "s3://mlops-basics-test/dvc", cwd=repo)
+    sh("dvc", "remote", "modify", "--local", "s3", "endpointurl", moto_s3, cwd=repo)  # per machine, not committed
+    expected = tree_digest(repo)
+    sh("dvc", "push", "-r", "s3", cwd=repo, env=AWS)
+    listed = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").list_objects_v2(Bucket="mlops-basics-test", Prefix="dvc/")
+    assert listed["KeyCount"] > 10
+    _wipe(repo)
+    sh("dvc", "pull", "-r", "s3", cwd=repo, env=AWS)
+    assert tree_digest(repo) == expected
+
+
+def test_failed_pulls_are_clear_and_leave_the_workspace_alone(repo, moto_s3):
+    before = tree_digest(repo)
+    missing = sh("dvc", "pull", "-r", "nowhere", cwd=repo, check=False)
+    assert missing.returncode != 0 and "nowhere" in (missing.stderr + missing.stdout)
+    sh("dvc", "remote", "add", "-f", "s3", "s3://no-such-bucket/dvc", cwd=repo)
+    sh("dvc", "remote", "modify", "--local", "s3", "endpointurl", moto_s3, cwd=repo)
+    shutil.rmtree(repo/".dvc"/"cache", ignore_errors=True); shutil.rmtree(repo/"artifacts"/"serving")
+    failed = sh("dvc", "pull", "-r", "s3", cwd=repo, env=AWS, check=False)
+    assert failed.returncode != 0
+    assert "no-such-bucket" in failed.stderr + failed.stdout or "NoSuchBucket" in failed.stderr + failed.stdout
+    assert not (repo/"artifacts"/"serving").exists()  # nothing half-written
+    assert {k: v for k, v in tree_digest(repo).items() if not k.startswith("artifacts/serving")} == \
+           {k: v for k, v in before.items() if not k.startswith("artifacts/serving")}
+    sh("dvc", "pull", cwd=repo)  # the local remote still has everything
+    assert tree_digest(repo) == before

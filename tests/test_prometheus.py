@@ -1,0 +1,179 @@
+"""Prometheus for real: promtool checks and unit-tests the alert rules, and a Prometheus server (the Debian package)
+scrapes a running `mlops-serve` and answers PromQL with what the test traffic implies."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, free_port, http, wait_until_healthy
+
+RULES = ROOT/"monitoring"/"prometheus"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)  # the app's latency buckets
+
+
+def promtool(*args, cwd=None) -> subprocess.CompletedProcess:
+    assert Path(PROMTOOL).exists(), "promtool is needed (Debian package prometheus): .ci/system-packages installs it"
+    return subprocess.run([PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_promtool_checks_the_rules_and_the_example_config():
+    rules = promtool("check", "rules", RULES/"rules.yml")
+    assert rules.returncode == 0 and "SUCCESS" in rules.stdout, rules.stdout + rules.stderr
+    assert "16 rules found" in rules.stdout, rules.stdout  # 9 recording rules and 7 alerts
+    config = promtool("check", "config", RULES/"prometheus.yml")
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
+def test_promtool_unit_tests_of_the_alerts_pass():
+    result = promtool("test", "rules", RULES/"rules_test.yml")
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_rule_tests_catch_a_wrong_threshold(tmp_path):
+    "The unit tests are not vacuous: a rule with the error threshold raised to 50% fails them."
+    shutil.copy(RULES/"rules_test.yml", tmp_path/"rules_test.yml")
+    rules = (RULES/"rules.yml").read_text()
+    assert "mlops:error_ratio:rate5m > 0.05" in rules
+    (tmp_path/"rules.yml").write_text(rules.replace("mlops:error_ratio:rate5m > 0.05", "mlops:error_ratio:rate5m > 0.5"))
+    result = promtool("test", "rules", tmp_path/"rules_test.yml")
+    assert result.returncode != 0 and "MlopsHighErrorRate" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def query(prom: str, expr: str, at: float) -> list[dict]:
+    "An instant PromQL query at time `at`; the result vector."
+    status, _, body = http("GET", f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr, "time": f"{at:.3f}"}), timeout=10)
+    answer = json.loads(body)
+    assert status == 200 and answer["status"] == "success", (expr, answer)
+    return answer["data"]["result"]
+
+
+def scalar(prom: str, expr: str, at: float) -> float:
+    result = query(prom, expr, at)
+    assert len(result) == 1, (expr, result)
+    return float(result[0]["value"][1])
+
+
+def wait_for(predicate, what: str, timeout: float = 60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value: return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def served_and_scraped(serving_dir, tmp_path):
+    "`mlops-serve` and a Prometheus scraping it every second, both on 127.0.0.1; yields (app URL, Prometheus URL, app log)."
+    assert Path(PROMETHEUS).exists(), "prometheus is needed (Debian package prometheus): .ci/system-packages installs it"
+    app_port, prom_port = free_port(), free_port()
+    app_log = tmp_path/"app.log"
+    config = tmp_path/"prometheus.yml"
+    shutil.copy(RULES/"rules.yml", tmp_path/"rules.yml")
+    config.write_text(f"""global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files: [rules.yml]
+scrape_configs:
+  - job_name: mlops-serve
+    static_configs:
+      - targets: ["127.0.0.1:{app_port}"]
+""")
+    processes = []
+    try:
+        with open(app_log, "wb") as out:
+            app = subprocess.Popen([str(BIN/"mlops-serve"), "--serving-dir", str(serving_dir), "--port", str(app_port)],
+                                   stdout=out, stderr=subprocess.PIPE, env={**os.environ, "MLOPS_THREADS": "1"})
+        processes.append(app)
+        app_url = f"http://127.0.0.1:{app_port}"
+        wait_until_healthy(app_url, app)
+        with open(tmp_path/"prometheus.log", "wb") as out:
+            prom = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path/'data'}",
+                                     f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"], stdout=out, stderr=subprocess.STDOUT)
+        processes.append(prom)
+        prom_url = f"http://127.0.0.1:{prom_port}"
+        def ready():
+            if prom.poll() is not None: raise AssertionError((tmp_path/"prometheus.log").read_text()[-3000:])
+            try: return http("GET", f"{prom_url}/-/ready", timeout=2)[0] == 200
+            except OSError: return False
+        wait_for(ready, "Prometheus to be ready")
+        yield app_url, prom_url, app_log
+    finally:
+        for p in reversed(processes):
+            p.terminate()
+            try: p.wait(timeout=30)
+            except subprocess.TimeoutExpired: p.kill(); p.wait()
+
+
+def test_prometheus_scrapes_the_app_and_promql_gives_what_the_traffic_implies(served_and_scraped):
+    app, prom, app_log = served_and_scraped
+    wait_for(lambda: query(prom, 'up{job="mlops-serve"} == 1', time.time()), "the app's target to be up")
+    post = lambda sentences, rid: http("POST", f"{app}/predict", json.dumps({"sentences": sentences}).encode(),
+                                       {"Content-Type": "application/json", "X-Request-ID": rid})
+    # A warm-up request creates the /predict series; once Prometheus has it (and a few more scrapes), the window starts.
+    assert post(["Warm up."], "warm-up")[0] == 200
+    series = 'sum(mlops_requests_total{route="/predict",status="200"})'
+    wait_for(lambda: query(prom, f"{series} == 1", time.time()), "the warm-up request to be scraped")
+    time.sleep(2.5)
+    t0 = time.time()
+    sentences = ["The cat sat on the mat.", "Mat the on sat cat the.", "She has finished her homework.", "Colorless green ideas sleep furiously.",
+                 "Who do you think that left?", "The book was written by John.", "John book the written was."]
+    labels, n_requests, n_sentences = {}, 40, 0
+    for i in range(n_requests):
+        batch = [sentences[(i + k) % len(sentences)] for k in range(1 + i % 3)]
+        status, _, body = post(batch, f"burst-{i}")
+        assert status == 200
+        for p in json.loads(body)["predictions"]: labels[p["label"]] = labels.get(p["label"], 0) + 1
+        n_sentences += len(batch)
+    # A few 4xx too: they count as requests, not as predictions, and not as 5xx errors.
+    for i in range(5): assert post([], f"bad-{i}")[0] == 422
+    burst_end = time.time()
+    wait_for(lambda: query(prom, f"{series} == {n_requests + 1}", time.time()), "the burst to be scraped")
+    time.sleep(2.5)  # a couple more scrapes after the burst
+    t1 = time.time()
+    window = math.ceil(t1 - t0) + 1  # seconds: from after the warm-up was scraped to after the burst was
+    w = f"{window}s"
+
+    # Exact counters.
+    assert scalar(prom, series, t1) == n_requests + 1
+    assert scalar(prom, 'sum(mlops_model_requests_total{model="main",status="200"})', t1) == n_requests + 1
+    assert scalar(prom, 'sum(mlops_requests_total{route="/predict",status="422"})', t1) == 5
+    assert scalar(prom, "sum(mlops_predictions_total)", t1) == n_sentences + 1
+
+    # Request rate: n requests in the window. rate() divides the increase by the sampled time (the window less
+    # at most a scrape interval at each end), so it lies between n/window and n/(window - 2).
+    rate = scalar(prom, f'sum(rate(mlops_requests_total{{route="/predict",status="200"}}[{w}]))', t1)
+    assert n_requests / window * 0.97 <= rate <= n_requests / (window - 2) * 1.03, (rate, n_requests, window)
+    error_ratio = scalar(prom, f'sum(rate(mlops_requests_total{{status=~"5.."}}[{w}])) or vector(0)', t1)
+    assert error_ratio == 0
+
+    # p95 latency: the histogram's 95th percentile lies in the bucket that holds the 95th percentile of the
+    # latencies the app logged for the same requests (the log and the histogram record the same measurement).
+    p95 = scalar(prom, f'histogram_quantile(0.95, sum by (le) (rate(mlops_request_duration_seconds_bucket{{route="/predict",status="200"}}[{w}])))', t1)
+    logged = sorted(json.loads(l)["latency_ms"] / 1000 for l in app_log.read_text().splitlines()
+                    if l.startswith("{") and json.loads(l).get("request_id", "").startswith("burst-"))
+    assert len(logged) == n_requests
+    true_p95 = logged[math.ceil(0.95 * n_requests) - 1]
+    upper = next(b for b in BUCKETS if true_p95 <= b)
+    lower = max([0.0] + [b for b in BUCKETS if b < upper])
+    assert lower <= p95 <= upper, (p95, true_p95, lower, upper)
+
+    # Label share of the burst's predictions: both label series exist from the start (at 0), so their
+    # increases are scaled alike and the ratio is exact.
+    share = {r["metric"]["label"]: float(r["value"][1]) for r in query(prom, 'sum by (label) (increase(mlops_predictions_total[{w}])) / ignoring(label) group_left sum(increase(mlops_predictions_total[{w}]))'.replace("{w}", w), t1)}
+    expected = {label: labels.get(label, 0) / n_sentences for label in ("acceptable", "unacceptable")}
+    assert share.keys() == expected.keys() and all(abs(share[k] - expected[k]) < 1e-9 for k in expected), (share, expected)
+
+    # The shipped rules are loaded and evaluated by the live server too.
+    rules = json.loads(http("GET", f"{prom}/api/v1/rules")[2])["data"]["groups"]
+    assert {g["name"] for g in rules} == {"mlops-recording", "mlops-alerts"}
+    assert all(r["health"] == "ok" for g in rules for r in g["rules"]), [(r["name"], r.get("lastError")) for g in rules for r in g["rules"]]
+    assert burst_end <= t1
