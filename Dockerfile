@@ -9,14 +9,14 @@
 # podman: add `--format docker`, or the OCI format drops the HEALTHCHECK.
 ARG BASE=python:3.11-slim
 
-# Stage 1: build the package's wheel (setup.py reads settings.ini; build isolation fetches setuptools).
+# Stage 1: build the package's wheel (setup.py reads settings.ini; PEP 517 build isolation fetches setuptools and wheel).
 FROM ${BASE} AS wheel
 WORKDIR /src
 COPY setup.py settings.ini README.md LICENSE ./
 COPY mlops_basics ./mlops_basics
 RUN --mount=type=secret,id=ca_bundle,required=false \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
-    python3 -m venv /build && /build/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps --wheel-dir /dist .
+    python3 -m venv /build && /build/bin/pip wheel --no-cache-dir --disable-pip-version-check --use-pep517 --no-deps --wheel-dir /dist .
 
 # Stage 2: the image itself, on the same base.
 FROM ${BASE}
@@ -24,9 +24,11 @@ ARG SERVING_DIR=artifacts/serving
 LABEL org.opencontainers.image.title="mlops-basics" \
       org.opencontainers.image.description="A CoLA grammar classifier served by FastAPI or AWS Lambda on ONNX Runtime" \
       org.opencontainers.image.licenses="Apache-2.0"
+# ORT_DISABLE_TELEMETRY: ONNX Runtime's telemetry off (no uploads, no device-id file; it could not write one anyway).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     MLOPS_SERVING_DIR=/opt/mlops/serving \
     PORT=8080 \
     WORKERS=1
@@ -40,8 +42,8 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     set -- /tmp/dist/mlops_basics-*.whl \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -c /tmp/constraints.txt "$1[serve,lambda]" \
-    && groupadd --system --gid 10001 mlops \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mlops
+    && groupadd --gid 10001 mlops \
+    && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mlops
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/mlops-entrypoint
 # Owned by root and read-only for the server; mlops-export writes its files 0644, so the non-root user can read them.
 COPY ${SERVING_DIR} /opt/mlops/serving

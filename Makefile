@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= train,serve,lambda,aws,dev
+EXTRAS ?= train,serve,lambda,aws,monitoring,dev
 
 # Offline machines: point MLOPS_COLA_PATH at a local copy of CoLA (the zip or its raw/ directory).
 # A checkout next to a shared/ folder (as in this project's CI) uses the copy there.

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # boto3 must never probe an instance metadata address
 if "MLOPS_COLA_PATH" not in os.environ and SHARED_COLA.exists(): os.environ["MLOPS_COLA_PATH"] = str(SHARED_COLA)
 
 BIN = Path(sys.executable).parent

@@ -94,6 +94,7 @@ def build_base_rootfs(rootfs: Path = BASE_ROOTFS, # the tarball to write
                 if path.is_file() or path.is_symlink(): path.unlink()
                 elif path.is_dir(): shutil.rmtree(path)
         for name in ("etc/hostname", "etc/resolv.conf", "etc/hosts"): (target/name).write_text("")
+        if not (target/"etc"/"mtab").is_symlink(): (target/"etc"/"mtab").symlink_to("/proc/mounts")  # else the runtime adds it
         staging = work/"rootfs.tar"
         subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(target), "-cf", str(staging), "."], check=True, timeout=600)
         os.replace(staging, rootfs)
@@ -143,7 +144,7 @@ def build_image(context: str | Path, # from `make_build_context`
                 timeout: float = 1800, # seconds
                ) -> tuple[str, str]:
     "Build the serving image from `context` (docker format, so HEALTHCHECK is kept); returns (tag, build log)."
-    args = ["build", "--format", "docker", "--pull", "never" if base and base.startswith("localhost/") else "missing",
+    args = ["build", "--format", "docker", "--pull=never" if base and base.startswith("localhost/") else "--pull=missing",
             f"--layers={str(layers).lower()}", "--force-rm", "--network", network, "--tag", tag, "--file", Path(context)/"Dockerfile"]
     for key, value in {**({"BASE": base} if base else {}), **(build_args or {})}.items(): args += ["--build-arg", f"{key}={value}"]
     if ca_bundle is not None:

@@ -1,0 +1,130 @@
+"""A full rehearsal of push + release: moto answers ECR, Lambda, IAM and CloudWatch Logs; Debian's docker-registry
+receives the real image layers (moto has no registry endpoint); the pushed image is pulled back, its digest checked,
+and run as the smoke-test target of the release. Failures must leave the alias where it was."""
+import json
+import os
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from conftest import BIN, free_port
+from containers import podman, podman_env, remove_image, run_http_container
+
+pytestmark = pytest.mark.slow
+REGION = "eu-west-1"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    "Debian's docker-registry on 127.0.0.1 with storage in a temporary directory; yields host:port."
+    work, port = tmp_path_factory.mktemp("registry"), free_port()
+    config = work/"config.yml"
+    config.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {work/'data'}\n"
+                      f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2): break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline: raise AssertionError("docker-registry did not start")
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate(); proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def aws(moto_server):
+    "Deploy settings pointing at moto, with the function's execution role created there."
+    role = boto3.client("iam", endpoint_url=moto_server, region_name=REGION).create_role(
+        RoleName=f"mlops-basics-{uuid.uuid4().hex[:6]}", AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+    env = {"AWS_REGION": REGION, "AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "MLOPS_LAMBDA_ROLE_ARN": role, "MLOPS_LAMBDA_FUNCTION": f"mlops-basics-{uuid.uuid4().hex[:6]}"}
+    return env
+
+
+def deploy(*args, env) -> subprocess.CompletedProcess:
+    "Run `mlops-deploy` with the moto settings (and the project's podman configuration)."
+    return subprocess.run([str(BIN/"mlops-deploy"), *map(str, args)], capture_output=True, text=True, timeout=900,
+                          env={**podman_env(), **env})
+
+
+def alias_version(env) -> str:
+    lam = boto3.client("lambda", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=REGION)
+    return lam.get_alias(FunctionName=env["MLOPS_LAMBDA_FUNCTION"], Name="live")["FunctionVersion"]
+
+
+def test_push_pull_release_and_rollback(image, registry, aws, tmp_path):
+    sha = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+    pushed = deploy("push", "--image", image.tag, "--tag", sha, "--tag", "v0.1.0", "--registry", registry, "--insecure-registry", env=aws)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    result = json.loads(pushed.stdout.strip().splitlines()[-1])
+    digest = result["image_uri"].split("@", 1)[1]
+    assert result["image_uri"].startswith(f"123456789012.dkr.ecr.{REGION}.amazonaws.com/mlops-basics@sha256:")
+
+    # The registry holds both tags, and the image pulled back has the digest the push reported.
+    with urllib.request.urlopen(f"http://{registry}/v2/mlops-basics/tags/list", timeout=10) as r:
+        assert sorted(json.load(r)["tags"]) == sorted([sha, "v0.1.0"])
+    inspected = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry}/mlops-basics:{sha}"],
+                                          capture_output=True, text=True, check=True, timeout=120).stdout)
+    assert inspected["Digest"] == digest
+    pulled = f"{registry}/mlops-basics:{sha}"
+    podman("rmi", "--force", pulled, check=False)
+    podman("pull", "--tls-verify=false", pulled, timeout=600)
+    try:
+        assert podman("image", "inspect", "--format", "{{.Digest}}", pulled).stdout.strip() == digest
+
+        # A second push of the same image changes nothing in the repository.
+        again = deploy("push", "--image", image.tag, "--tag", sha, "--registry", registry, "--insecure-registry", env=aws)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert json.loads(again.stdout.strip().splitlines()[-1])["repository_changes"] == []
+
+        # Release, smoke-testing the pulled-back image running as an HTTP server.
+        with run_http_container(pulled) as (url, _, _):
+            released = deploy("release", "--image-uri", result["image_uri"], "--smoke-url", url, "--description", sha, env=aws)
+            assert released.returncode == 0, released.stderr[-3000:]
+            first = json.loads(released.stdout)
+            assert first["previous_version"] is None and first["smoke_test"]["predictions"]
+            assert alias_version(aws) == first["version"]
+            # Idempotent: the same release again publishes nothing and changes nothing.
+            same = json.loads(deploy("release", "--image-uri", result["image_uri"], "--smoke-url", url, env=aws).stdout)
+            assert (same["version"], same["changes"]) == (first["version"], [])
+    finally:
+        remove_image(pulled)
+
+    # A new image whose smoke test fails: the alias goes back to the released version.
+    other = result["image_uri"].split("@")[0] + "@sha256:" + "f" * 64
+    dead = f"http://127.0.0.1:{free_port()}"
+    failed = deploy("release", "--image-uri", other, "--smoke-url", dead, env=aws)
+    assert failed.returncode == 2 and f"rolled back to version {first['version']}" in failed.stderr
+    assert alias_version(aws) == first["version"]
+    status = json.loads(deploy("status", env=aws).stdout)
+    assert status["version"] == first["version"] and len(status["versions"]) == 3  # $LATEST, the release, the rolled-back one
+
+
+def test_a_failed_push_leaves_the_alias_alone(image, aws):
+    before = alias_version(aws)
+    dead_registry = f"127.0.0.1:{free_port()}"
+    failed = deploy("push", "--image", image.tag, "--tag", "broken", "--registry", dead_registry, "--insecure-registry", env=aws)
+    assert failed.returncode == 2 and "mlops-deploy:" in failed.stderr and dead_registry in failed.stderr
+    assert alias_version(aws) == before
+
+
+def test_missing_settings_are_named(aws):
+    no_region = {k: v for k, v in aws.items() if k != "AWS_REGION"}
+    proc = deploy("status", env={**no_region, "AWS_DEFAULT_REGION": ""})
+    assert proc.returncode == 2 and "no AWS region: set AWS_REGION" in proc.stderr
+    proc = deploy("status", env={**aws, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                                 "AWS_CONFIG_FILE": "/nonexistent", "AWS_ENDPOINT_URL": "", "AWS_EC2_METADATA_DISABLED": "true"})
+    assert proc.returncode == 2 and "no AWS credentials found" in proc.stderr
+    no_role = {**aws, "MLOPS_LAMBDA_ROLE_ARN": "", "MLOPS_LAMBDA_FUNCTION": "never-created"}
+    proc = deploy("release", "--image-uri", "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mlops-basics@sha256:" + "0" * 64, env=no_role)
+    assert proc.returncode == 2 and "set MLOPS_LAMBDA_ROLE_ARN" in proc.stderr
