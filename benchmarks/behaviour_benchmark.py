@@ -43,7 +43,7 @@ def main() -> dict:
         "date": dt.date.today().isoformat(),
         "model": report["model"] | {"serving_dir": str(args.serving_dir.relative_to(ROOT)) if args.serving_dir.is_relative_to(ROOT) else str(args.serving_dir)},
         "export_s": export_s, "suite_s": run_s,
-        "thresholds_rule": "measured pass rate minus two binomial standard errors, rounded down to 0.05",
+        "thresholds_rule": "measured pass rate minus two binomial standard errors (Laplace-smoothed: p = (passed+1)/(cases+2)), rounded down to 0.05",
         "report": {k: v for k, v in report.items() if k != "model"},
         "versions": package_versions(("mlops-basics", "onnxruntime", "tokenizers")),
     }

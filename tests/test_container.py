@@ -113,7 +113,8 @@ def test_no_ca_bundle_or_secret_in_history_or_layers(image):
         found += [(layer, path, needle[:20]) for needle in needles if needle in data]
         model_seen = model_seen or hashlib.sha256(data).hexdigest() == model_sha
     assert not found, found
-    assert not [p for p in paths if "run/secrets" in p or "ca_bundle" in p]
+    # The secret's mount point may stay behind as an empty directory (buildah leaves /run/secrets), but nothing in it.
+    assert not [p for p in paths if "run/secrets/" in p or "ca_bundle" in p], sorted(p for p in paths if "secret" in p)
     # The scan saw the whole image: the base, the venv and the model (a scan that saw nothing would find nothing).
     assert {"usr/bin/python3.11", "opt/venv/bin/mlops-serve", "opt/mlops/serving/metadata.json"} <= paths and model_seen and len(layers) >= 3
 
@@ -123,9 +124,10 @@ def test_no_torch_in_the_image(image):
     proc = podman("run", "--rm", image.tag, "python3", "-c", "import torch", check=False)
     assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr
     listed = podman("run", "--rm", image.tag, "pip", "list", "--format=json", "--disable-pip-version-check").stdout
-    versions = {p["name"].lower(): p["version"] for p in json.loads(listed)}
+    normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # PEP 503 names
+    versions = {normal(p["name"]): p["version"] for p in json.loads(listed)}
     assert not HEAVY & set(versions) and SERVING <= set(versions), sorted(versions)
-    pins = dict(line.split("==") for line in (ROOT/"constraints.txt").read_text().split() if "==" in line)
+    pins = {normal(k): v for k, v in (line.split("==") for line in (ROOT/"constraints.txt").read_text().split() if "==" in line)}
     assert all(versions[name] == pins[name] for name in SERVING - {"mlops-basics"} if name in pins), versions
 
 
@@ -169,8 +171,9 @@ def test_http_predict_and_health_in_the_container(http_container, serving_dir):
         assert got["label"] == want.label and abs(got["probabilities"]["acceptable"] - want.probabilities["acceptable"]) < 1e-5
     assert http("POST", f"{url}/predict", b'{"sentences": []}', JSON)[0] == 422
     assert re.search(r'mlops_requests_total\{[^}]*route="/predict",[^}]*status="200"', http("GET", f"{url}/metrics")[2].decode())
-    logs = podman("logs", name).stdout
-    assert any(json.loads(l).get("request_id") == "container-1" for l in logs.splitlines() if l.startswith("{"))
+    logs = podman("logs", name)
+    assert any(json.loads(l).get("request_id") == "container-1" for l in logs.stdout.splitlines() if l.startswith("{"))
+    assert "telemetry" not in (logs.stdout + logs.stderr).lower()  # ORT_DISABLE_TELEMETRY=1: ONNX Runtime's telemetry is off
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The DVC pipeline for real: repro, no-op repro, params that re-run only what depends on them, experiments,
 and push/pull through a local remote and an S3 remote (a moto server), byte for byte."""
+import contextlib
 import hashlib
 import json
 import os
@@ -115,11 +116,12 @@ def test_push_and_pull_through_the_local_remote(repo):
     assert tree_digest(repo) == expected
 
 
-@pytest.fixture()
-def moto_s3(tmp_path):
+@contextlib.contextmanager
+def moto(env: dict | None = None):
     "A moto server on 127.0.0.1 standing in for S3; yields its endpoint URL."
     port = free_port()
-    proc = subprocess.Popen([str(BIN/"moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(BIN/"moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 30
@@ -129,6 +131,11 @@ def moto_s3(tmp_path):
         yield url
     finally:
         proc.terminate(); proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def moto_s3():
+    with moto() as url: yield url
 
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -164,3 +171,17 @@ def test_failed_pulls_are_clear_and_leave_the_workspace_alone(repo, moto_s3):
            {k: v for k, v in before.items() if not k.startswith("artifacts/serving")}
     sh("dvc", "pull", cwd=repo)  # the local remote still has everything
     assert tree_digest(repo) == before
+
+
+def test_bad_credentials_are_reported_and_harmless(repo):
+    "A moto server that checks credentials (as S3 does) refuses ours: DVC says so, and the workspace is untouched."
+    with moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as url:
+        sh("dvc", "remote", "add", "-f", "s3", "s3://mlops-basics-test/dvc", cwd=repo)
+        sh("dvc", "remote", "modify", "--local", "s3", "endpointurl", url, cwd=repo)
+        before = tree_digest(repo)
+        pushed = sh("dvc", "push", "-r", "s3", cwd=repo, env={**AWS, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1"}, check=False)
+        assert pushed.returncode != 0
+        assert "InvalidAccessKeyId" in pushed.stderr + pushed.stdout or "403" in pushed.stderr + pushed.stdout, pushed.stderr[-2000:]
+        pulled = sh("dvc", "pull", "-r", "s3", "--force", cwd=repo, env={**AWS, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1"}, check=False)
+        assert pulled.returncode != 0
+        assert tree_digest(repo) == before

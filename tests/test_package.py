@@ -96,3 +96,9 @@ def test_jupyter_lab_serves_the_notebooks(tmp_path):
             assert r.status == 200 and b"JupyterLab" in r.read()
     finally:
         lab.terminate(); lab.wait(timeout=30)
+
+
+def test_params_yaml_is_the_packaged_config():
+    "The DVC pipeline's params.yaml is what `mlops-pipeline params` writes from the packaged Hydra configs."
+    proc = run_cli("mlops-pipeline", "params", "--check", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
