@@ -206,6 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "serving_dir_mb": round(sum(p.stat().st_size for p in serving.iterdir()) / 1e6, 1),
                      "build_s": round(build_s, 1), "base": base, "base_was_cached": base_cached,
                      "build_note": "a fresh build (no layer cache); pip downloads the serve and lambda extras from PyPI"}
+            listed = json.loads(podman("run", "--rm", tag, "pip", "list", "--no-cache-dir", "--format=json").stdout)
+            installed = {re.sub(r"[-_.]+", "-", p["name"]).lower(): p["version"] for p in listed}
+            # uvloop/httptools matter: with plain asyncio and WORKERS>1, uvicorn's shared socket leaves TCP_NODELAY off.
+            image["packages"] = {name: installed.get(name) for name in ("onnxruntime", "tokenizers", "fastapi", "uvicorn", "uvloop", "httptools",
+                                                                       "awslambdaric", "numpy")}
+            image["packages_total"] = len(installed)
             print(f"image {image['size_mb']} MB, built in {image['build_s']} s", flush=True)
             starts = start_to_first_predict(tag, args.starts)
             print(f"start to first /predict: {starts}", flush=True)

@@ -140,3 +140,23 @@ def moto_server(tmp_path_factory):
             for k, v in saved.items():
                 if v is None: os.environ.pop(k, None)
                 else: os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def image(serving_dir, tmp_path_factory):
+    "The serving image built from a temporary context with the tiny model; the build secret is the host CA bundle plus a canary line."
+    import uuid
+    from types import SimpleNamespace
+    from containers import CA_BUNDLE, build_image, ensure_base_image, make_build_context, remove_image
+    base = ensure_base_image()
+    work = tmp_path_factory.mktemp("image")
+    context = make_build_context(serving_dir, work/"context")
+    canary = f"mlops-basics-build-secret-canary-{uuid.uuid4().hex}"
+    secret = work/"ca_bundle.pem"
+    secret.write_text(f"# {canary}\n{CA_BUNDLE.read_text()}")  # OpenSSL ignores text outside the PEM blocks
+    tag = f"localhost/mlops-basics-test:{uuid.uuid4().hex[:12]}"
+    try:
+        _, log = build_image(context, tag, base=base, ca_bundle=secret)
+        yield SimpleNamespace(tag=tag, log=log, canary=canary, secret=secret, work=work)
+    finally:
+        remove_image(tag)

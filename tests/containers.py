@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTAINERS_CONF = Path(__file__).with_name("containers.conf")
+CONTAINERS_CONF = Path(__file__).resolve().with_name("containers.conf")  # absolute: podman build subprocesses change directory
 CACHE_DIR = Path(os.environ.get("MLOPS_CACHE_DIR") or Path.home()/".cache"/"mlops-basics")
 BASE_IMAGE = "localhost/mlops-basics-base:bookworm"
 BASE_ROOTFS = CACHE_DIR/"bookworm-python3-rootfs.tar"
@@ -198,8 +198,9 @@ def publish_args(port: int, # the host port (127.0.0.1 only)
                  container_port: int = 8080, # the port the server listens on in the container
                 ) -> list[str]:
     """`podman run` arguments that make the container's HTTP server reachable on 127.0.0.1:`port`.
-    MLOPS_PODMAN_NETWORK=host uses the host's network and PORT instead of publishing (for machines without a working bridge)."""
-    if os.environ.get("MLOPS_PODMAN_NETWORK") == "host": return ["--network", "host", "--env", f"PORT={port}"]
+    MLOPS_PODMAN_NETWORK=host uses the host's network instead, the server listening on 127.0.0.1:`port` (for machines where
+    podman's bridge network or port publishing does not work)."""
+    if os.environ.get("MLOPS_PODMAN_NETWORK") == "host": return ["--network", "host", "--env", "HOST=127.0.0.1", "--env", f"PORT={port}"]
     return ["--publish", f"127.0.0.1:{port}:{container_port}"]
 
 
@@ -315,10 +316,12 @@ class LambdaRuntimeAPI:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
             def _reply(self, status: int, body: bytes = b"", headers: dict | None = None):
-                self.send_response(status)
-                for k, v in {"Content-Type": "application/json", **(headers or {})}.items(): self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body))); self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(status)
+                    for k, v in {"Content-Type": "application/json", **(headers or {})}.items(): self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(body))); self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError): self.close_connection = True  # the client has gone (container stopped)
 
             def do_GET(self):
                 if self.path != f"{RUNTIME_PREFIX}/invocation/next": return self._reply(404, b'{"errorType":"NotFound"}')

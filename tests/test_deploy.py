@@ -80,7 +80,7 @@ def test_push_pull_release_and_rollback(image, registry, aws, tmp_path):
     podman("rmi", "--force", pulled, check=False)
     podman("pull", "--tls-verify=false", pulled, timeout=600)
     try:
-        assert podman("image", "inspect", "--format", "{{.Digest}}", pulled).stdout.strip() == digest
+        assert f"{registry}/mlops-basics@{digest}" in json.loads(podman("image", "inspect", "--format", "{{json .RepoDigests}}", pulled).stdout)
 
         # A second push of the same image changes nothing in the repository.
         again = deploy("push", "--image", image.tag, "--tag", sha, "--registry", registry, "--insecure-registry", env=aws)

@@ -20,10 +20,10 @@ def test_notebooks_preprocess_and_render_to_html(tmp_path):
               "refresh_quarto_yml(); nbdev_sidebar.__wrapped__(); proc_nbs(n_workers=0)")
     proc = subprocess.run([sys.executable, "-c", script], cwd=copy, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    processed = sorted((copy/"_proc"/"nbs").glob("*.ipynb"))
+    processed = sorted((copy/"_proc").glob("*.ipynb"))
     notebooks = sorted(p.name for p in (ROOT/"nbs").glob("*.ipynb"))
     assert [p.name for p in processed] == notebooks
-    assert (copy/"_proc"/"nbs"/"sidebar.yml").exists()
+    assert (copy/"_proc"/"sidebar.yml").exists()
     html = tmp_path/"html"
     proc = subprocess.run([str(BIN/"jupyter"), "nbconvert", "--to", "html", "--output-dir", str(html), *map(str, processed)],
                           capture_output=True, text=True, timeout=900)

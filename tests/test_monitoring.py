@@ -253,37 +253,36 @@ def test_drift_passes_in_domain_and_fails_on_corrupted_inputs(serving_dir, refer
     assert {"input.length", "input.tokens", "input.oov", "input.token_distribution"} <= set(summary["failed"]), summary["failed"]
     assert summary["checks"]["input.oov"]["window_rate"] > summary["checks"]["input.oov"]["reference_rate"]
     html = (tmp_path/"bad"/"drift_report.html").read_text()
-    assert "evidently" in html.lower() and len(html) > 10_000
+    assert "Drift detection method: Wasserstein" in html and "Drift score" in html  # Evidently's own rendering of the checks
     assert (tmp_path/"bad"/"token_drift_report.html").exists()
     assert summary["versions"]["evidently"].startswith("0.7")
 
 
 def test_prediction_drift_and_concept_drift(serving_dir, reference, tmp_path):
-    "Prediction drift from a window whose scores moved; concept drift from feedback that stopped agreeing."
+    "Prediction drift from a window whose scores and labels moved; concept drift from feedback that stopped agreeing."
+    from mlops_basics.monitoring import write_jsonl
     rows = [json.loads(l) for l in reference.read_text().splitlines()][:400]
     window = [{**r, "request_id": f"r{i}", "index": 0} for i, r in enumerate(rows)]
-    from mlops_basics.monitoring import write_jsonl
-    write_jsonl(window, tmp_path/"same.jsonl")
-    flip = {"acceptable": "unacceptable", "unacceptable": "acceptable"}
-    shifted = [{**r, "p_acceptable": round(1 - r["p_acceptable"], 6), "label": flip[r["label"]]} for r in window]
-    write_jsonl(shifted, tmp_path/"shifted.jsonl")
+    share = sum(r["label"] == "acceptable" for r in rows) / len(rows)
+    rare = "acceptable" if share < 0.5 else "unacceptable"
+    write_jsonl([{**r, "p_acceptable": min(1.0, r["p_acceptable"] + 0.3), "label": rare} for r in window], tmp_path/"shifted.jsonl")
     code, summary = drift(serving_dir, reference, tmp_path/"shifted.jsonl", tmp_path/"shifted")
-    label_share = summary["checks"]["prediction.label_share"]
-    if abs(label_share["reference_share"]["acceptable"] - 0.5) > 0.15:  # a label mix far from 50/50 changes when flipped
-        assert "prediction.label_share" in summary["failed"]
-    assert code == 1 and "prediction.score" in summary["failed"] and not any(n.startswith("input.") for n in summary["failed"]), summary["failed"]
-    agree = [{"request_id": r["request_id"], "index": 0, "label": r["label"]} for r in window]
-    write_jsonl(agree, tmp_path/"agree.jsonl")
-    write_jsonl([{**f, "label": flip[f["label"]]} for f in agree], tmp_path/"disagree.jsonl")
-    code, summary = drift(serving_dir, reference, tmp_path/"same.jsonl", tmp_path/"agree", "--feedback", tmp_path/"agree.jsonl")
-    assert summary["checks"]["concept.mcc"]["matched"] == 400
-    # Feedback that always agrees: MCC 1 when both labels occur (0 by convention when the model predicts one label only).
-    both = len({r["label"] for r in window}) == 2
-    assert summary["checks"]["concept.mcc"]["status"] == ("pass" if both else summary["checks"]["concept.mcc"]["status"])
-    assert summary["checks"]["concept.mcc"]["accuracy"] == 1.0
-    code, summary = drift(serving_dir, reference, tmp_path/"same.jsonl", tmp_path/"disagree", "--feedback", tmp_path/"disagree.jsonl")
-    assert summary["checks"]["concept.mcc"]["accuracy"] == 0.0
-    if both: assert code == 1 and summary["failed"] == ["concept.mcc"]
+    assert code == 1 and summary["failed"] == ["prediction.label_share", "prediction.score"], summary["failed"]
+    assert summary["checks"]["prediction.label_share"]["window_share"][rare] == 1.0
+    # Concept drift: the window's predictions (two labels) against feedback that agrees, then against feedback that does not.
+    labelled = [{**r, "label": "unacceptable" if i % 3 == 0 else "acceptable"} for i, r in enumerate(window)]
+    write_jsonl(labelled, tmp_path/"labelled.jsonl")
+    flip = {"acceptable": "unacceptable", "unacceptable": "acceptable"}
+    write_jsonl([{"request_id": r["request_id"], "index": 0, "label": r["label"]} for r in labelled[:100]], tmp_path/"agree.jsonl")
+    write_jsonl([{"request_id": r["request_id"], "index": 0, "label": flip[r["label"]]} for r in labelled[:100]], tmp_path/"disagree.jsonl")
+    write_jsonl([{"request_id": r["request_id"], "index": 0, "label": r["label"]} for r in labelled[:10]], tmp_path/"few.jsonl")
+    _, agree = drift(serving_dir, reference, tmp_path/"labelled.jsonl", tmp_path/"agree", "--feedback", tmp_path/"agree.jsonl")
+    _, disagree = drift(serving_dir, reference, tmp_path/"labelled.jsonl", tmp_path/"disagree", "--feedback", tmp_path/"disagree.jsonl")
+    _, few = drift(serving_dir, reference, tmp_path/"labelled.jsonl", tmp_path/"few", "--feedback", tmp_path/"few.jsonl")
+    assert {k: agree["checks"]["concept.mcc"][k] for k in ("matched", "score", "accuracy", "status")} == {"matched": 100, "score": 1.0, "accuracy": 1.0, "status": "pass"}
+    assert {k: disagree["checks"]["concept.mcc"][k] for k in ("score", "accuracy", "status")} == {"score": -1.0, "accuracy": 0.0, "status": "fail"}
+    assert "concept.mcc" in disagree["failed"] and "concept.mcc" not in agree["failed"]
+    assert few["checks"]["concept.mcc"]["status"] == "skipped" and "30 needed" in few["checks"]["concept.mcc"]["reason"]
 
 
 def test_monitoring_and_shipper_never_import_torch(serving_dir, reference, app_log, tmp_path):
