@@ -12,10 +12,10 @@ ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
 export MLOPS_COLA_PATH ?= $(SHARED_COLA)
 endif
 
-.PHONY: help install system-packages run test test-fast export clean-notebooks readme lab clean
+.PHONY: help install system-packages run test test-fast export lab clean
 
 help:
-	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate (only what is out of date)"
+	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate, behavioural tests (what is out of date)"
 	@echo "make test       run the whole test suite (notebooks, package, slow tests; container tests need root for podman)"
 	@echo "make test-fast  the same without the tests marked slow"
 	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
@@ -31,7 +31,7 @@ $(VENV)/.installed: setup.py settings.ini constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-# The whole pipeline (data -> train -> export -> evaluate), only what is out of date; see dvc.yaml.
+# The whole pipeline (data -> train -> export -> evaluate -> behaviour), only what is out of date; see dvc.yaml.
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
