@@ -8,7 +8,7 @@ __all__ = ['DEFAULT_MODEL', 'MULTIPROC_ENV', 'REQUEST_LOGGER', 'INDEX_HTML', 'pa
            'configure_request_logging', 'log_request', 'RequestLimits', 'load_predictors', 'create_app', 'app_from_env',
            'main']
 
-# %% ../nbs/05_serving.ipynb #e376d2d0
+# %% ../nbs/05_serving.ipynb #ff945f6c
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and the request
 # model is built inside `create_app`, where a postponed (string) annotation could not be resolved.
 import argparse
@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 from .artifacts import ArtifactsError
 from .predictor import ONNXPredictor
 
-# %% ../nbs/05_serving.ipynb #fa4ea86c
+# %% ../nbs/05_serving.ipynb #bf268593
 DEFAULT_MODEL = "main"  # the name of the model when the app serves only `serving_dir`
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -83,7 +83,7 @@ def sticky_assignment(user_id: str, # any stable identifier of the user
         if point < cumulative: return name
     return next(name for name, share in reversed(split.items()) if share > 0)  # rounding left the point just above the sum
 
-# %% ../nbs/05_serving.ipynb #18b3045c
+# %% ../nbs/05_serving.ipynb #a20969f9
 @dataclass
 class ServeSettings:
     "How the app serves: which model, and the limits on requests."
@@ -138,7 +138,7 @@ class ServeSettings:
             else: values[f.name] = raw
         return cls(**values)
 
-# %% ../nbs/05_serving.ipynb #d0953dd0
+# %% ../nbs/05_serving.ipynb #ac32aab5
 def request_model(max_batch: int, # most sentences per request
                   max_chars: int, # most characters per sentence
                   models: list[str] | None = None, # the names and versions a request may ask for; None: no `model` field
@@ -164,7 +164,7 @@ class PredictResponse(BaseModel):
     request_id: str
     predictions: list[LabelPrediction]
 
-# %% ../nbs/05_serving.ipynb #70f9a397
+# %% ../nbs/05_serving.ipynb #404defc2
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client when it is first imported
 
 class ServingMetrics:
@@ -207,7 +207,7 @@ class ServingMetrics:
         multiprocess.MultiProcessCollector(combined)
         return generate_latest(combined)
 
-# %% ../nbs/05_serving.ipynb #a4490456
+# %% ../nbs/05_serving.ipynb #e2896bd8
 REQUEST_LOGGER = "mlops_basics.requests"
 
 def configure_request_logging(stream=None) -> logging.Logger:
@@ -225,7 +225,7 @@ def log_request(record: dict[str, Any]) -> None:
     logging.getLogger(REQUEST_LOGGER).info(json.dumps({"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), **record},
                                                       separators=(",", ":"), ensure_ascii=False))
 
-# %% ../nbs/05_serving.ipynb #71e458e2
+# %% ../nbs/05_serving.ipynb #7496732c
 class _BodyTooLarge(Exception): pass
 
 class RequestLimits:
@@ -264,7 +264,7 @@ async def _error(send, status: int, detail: str):
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
-# %% ../nbs/05_serving.ipynb #9ca294b0
+# %% ../nbs/05_serving.ipynb #d9259a98
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Is it grammatical? · mlops-basics</title>
@@ -306,7 +306,7 @@ document.getElementById("form").addEventListener("submit", async (event) => {
 </script></body></html>
 """
 
-# %% ../nbs/05_serving.ipynb #f0346c83
+# %% ../nbs/05_serving.ipynb #eabaebc3
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -422,7 +422,7 @@ def create_app(settings: ServeSettings | None = None, # the serving settings; No
     known_paths = {route.path for route in app.routes}
     return app
 
-# %% ../nbs/05_serving.ipynb #216a76dd
+# %% ../nbs/05_serving.ipynb #ffbf6f32
 def app_from_env() -> FastAPI:
     "The app configured by `MLOPS_*` environment variables (the factory uvicorn workers call)."
     configure_request_logging()

@@ -1,7 +1,7 @@
 """Shared set-up for the test suite: offline, quiet, on the shared CoLA copy, tiny models on one thread."""
+import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -99,19 +99,26 @@ def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeou
     raise AssertionError(f"{url} did not become healthy in {timeout} s")
 
 
-@pytest.fixture(scope="session")
-def server(serving_dir, tmp_path_factory):
-    "`mlops-serve` on a free port; yields (base URL, path of its stdout log)."
-    port, log = free_port(), tmp_path_factory.mktemp("server")/"stdout.log"
+@contextlib.contextmanager
+def running_server(*args, log: Path):
+    "`mlops-serve *args` on a free 127.0.0.1 port, one ONNX Runtime thread; yields its base URL, stdout going to `log`."
+    port = free_port()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN/"mlops-serve"), "--serving-dir", str(serving_dir), "--port", str(port), "--max-batch", "16"],
-                                stdout=out, stderr=subprocess.PIPE, env={**os.environ, "MLOPS_THREADS": "1"})
+        proc = subprocess.Popen([str(BIN/"mlops-serve"), *map(str, args), "--port", str(port)], stdout=out, stderr=subprocess.PIPE,
+                                env={**os.environ, "MLOPS_THREADS": "1"})
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(url, proc)
-            yield url, log
+            yield url
         finally:
             proc.terminate(); proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(serving_dir, tmp_path_factory):
+    "`mlops-serve` on a free port; yields (base URL, path of its stdout log)."
+    log = tmp_path_factory.mktemp("server")/"stdout.log"
+    with running_server("--serving-dir", serving_dir, "--max-batch", "16", log=log) as url: yield url, log
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,12 @@ import subprocess
 import tarfile
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from conftest import BIN, ROOT
-from containers import (CA_BUNDLE, CONTEXT_FILES, LambdaRuntimeAPI, build_image, ensure_base_image, http, lambda_run_args,
-                        make_build_context, podman, remove_container, remove_image, run_http_container)
+from containers import (CA_BUNDLE, CONTEXT_FILES, LambdaRuntimeAPI, http, lambda_run_args, make_build_context, podman, remove_container,
+                        run_http_container)
 
 EVENTS = Path(__file__).parent/"events"
 HEAVY = {"torch", "transformers", "lightning", "pytorch-lightning", "torchmetrics"}

@@ -2,12 +2,10 @@
 receives the real image layers (moto has no registry endpoint); the pushed image is pulled back, its digest checked,
 and run as the smoke-test target of the release. Failures must leave the alias where it was."""
 import json
-import os
 import subprocess
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import boto3
 import pytest

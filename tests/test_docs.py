@@ -1,10 +1,8 @@
 """What can be checked of the docs build without Quarto: nbdev's notebook pre-processing, then every processed
 notebook rendered to HTML with nbconvert, in a copy of the repository."""
-import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import BIN, ROOT
 

@@ -89,7 +89,7 @@ def test_ship_from_cloudwatch_logs_on_a_moto_server(app_log, moto_server, tmp_pa
     proc = run_cli("mlops-ship", "--cloudwatch", group, "--endpoint-url", moto_server, "--region", "eu-west-1", "--since", "1h",
                    "--window", tmp_path/"cw.jsonl")
     assert proc.returncode == 0, proc.stderr
-    from_file = run_cli("mlops-ship", app_log, "--window", tmp_path/"file.jsonl")
+    assert run_cli("mlops-ship", app_log, "--window", tmp_path/"file.jsonl").returncode == 0
     key = lambda r: (r["request_id"], r["index"])
     rows_cw = sorted(map(json.loads, (tmp_path/"cw.jsonl").read_text().splitlines()), key=key)
     rows_file = sorted(map(json.loads, (tmp_path/"file.jsonl").read_text().splitlines()), key=key)

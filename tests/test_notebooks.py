@@ -1,7 +1,6 @@
 """Every notebook runs top to bottom under nbdev_test (its examples are its tests); slow cells run in slow tests."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

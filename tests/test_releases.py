@@ -2,14 +2,12 @@
 decided from supplied metrics), and the app's sticky A/B split with per-model metrics over real HTTP."""
 import io
 import json
-import os
-import subprocess
 import time
 import zipfile
 
 import pytest
 
-from conftest import BIN, free_port, http, run_cli, wait_until_healthy
+from conftest import free_port, http, run_cli, running_server
 from mlops_basics.releases import (AliasState, CanaryPolicy, LambdaRelease, VariantMetrics, ab_compare, decide, run_canary,
                                    variant_metrics)
 
@@ -119,17 +117,10 @@ def test_ab_compare():
 @pytest.fixture(scope="module")
 def ab_server(serving_dir, tmp_path_factory):
     "`mlops-serve` with two models (fp32 as a, int8 as b), a live, split 50/50; yields (URL, stdout log)."
-    port, log = free_port(), tmp_path_factory.mktemp("ab")/"stdout.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN/"mlops-serve"), "--model", f"a={serving_dir}@fp32", "--model", f"b={serving_dir}@int8", "--live", "a",
-                                 "--ab-split", "a=50,b=50", "--port", str(port)], stdout=out, stderr=subprocess.PIPE,
-                                env={**os.environ, "MLOPS_THREADS": "1"})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_healthy(url, proc)
-            yield url, log
-        finally:
-            proc.terminate(); proc.wait(timeout=30)
+    log = tmp_path_factory.mktemp("ab")/"stdout.log"
+    with running_server("--model", f"a={serving_dir}@fp32", "--model", f"b={serving_dir}@int8", "--live", "a", "--ab-split", "a=50,b=50",
+                        log=log) as url:
+        yield url, log
 
 
 def predict(url, body, headers=None):

@@ -1,20 +1,17 @@
 """The serving side from outside: `mlops-serve` over real HTTP, its page in Chromium, schemathesis, the Lambda handler,
 and a fresh virtual environment with only the serve extra."""
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, free_port, http, run_cli, wait_until_healthy
+from conftest import BIN, ROOT, free_port, http, run_cli
 
 
 JSON = {"Content-Type": "application/json"}
@@ -103,8 +100,8 @@ def test_schemathesis_finds_no_server_errors(server, tmp_path):
 
 def test_page_in_headless_chromium(server):
     "A person types a sentence into the page and sees a label and its probability."
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is needed (apt-get install chromium): .ci/run installs it"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert chromium, "Debian's chromium (or Chrome) is needed: .ci/system-packages installs it"
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
