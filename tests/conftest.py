@@ -2,15 +2,15 @@
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from containers import free_port, http  # plain stdlib helpers, shared with the container tests
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_COLA = ROOT.parent/"shared"/"data"/"cola"
@@ -71,19 +71,6 @@ def serving_dir(tiny_model_dir, tmp_path_factory) -> Path:
     proc = run_cli("mlops-export", tiny_model_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
-    "(status, headers, body bytes) of one HTTP request, errors included."
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as r: return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e: return e.code, dict(e.headers), e.read()
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 120) -> dict:
