@@ -1,5 +1,6 @@
 """The DVC pipeline for real: repro, no-op repro, params that re-run only what depends on them, experiments,
 and push/pull through a local remote and an S3 remote (a moto server), byte for byte."""
+import configparser
 import contextlib
 import hashlib
 import json
@@ -144,18 +145,26 @@ def moto_s3():
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def test_push_and_pull_through_s3(repo, moto_s3, monkeypatch):
-    for k, v in AWS.items(): monkeypatch.setenv(k, v)
+def committed_s3_remote() -> str:
+    "The URL of the `s3` remote in this repository's .dvc/config."
+    config = configparser.ConfigParser(); config.read(ROOT/".dvc"/"config")
+    return config['\'remote "s3"\'']["url"]
+
+
+def test_push_and_pull_through_s3(repo, moto_s3):
+    "The project's `s3` remote as configured, with the endpoint and credentials taken from the environment (here: moto)."
+    url = committed_s3_remote()
+    bucket, prefix = url.removeprefix("s3://").split("/", 1)
+    env = {**AWS, "AWS_ENDPOINT_URL": moto_s3}
     import boto3
-    boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket="mlops-basics-test")
-    sh("dvc", "remote", "add", "-f", "s3", "s3://mlops-basics-test/dvc", cwd=repo)
-    sh("dvc", "remote", "modify", "--local", "s3", "endpointurl", moto_s3, cwd=repo)  # per machine, not committed
+    s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=bucket)
+    sh("dvc", "remote", "add", "-f", "s3", url, cwd=repo)
     expected = tree_digest(repo)
-    sh("dvc", "push", "-r", "s3", cwd=repo, env=AWS)
-    listed = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").list_objects_v2(Bucket="mlops-basics-test", Prefix="dvc/")
-    assert listed["KeyCount"] > 10
+    sh("dvc", "push", "-r", "s3", cwd=repo, env=env)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["KeyCount"] > 10
     _wipe(repo)
-    sh("dvc", "pull", "-r", "s3", cwd=repo, env=AWS)
+    sh("dvc", "pull", "-r", "s3", cwd=repo, env=env)
     assert tree_digest(repo) == expected
 
 
