@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from .deploy import point_alias, publish_version, wait_until_updated
+
 # %% auto #0
 __all__ = ['VariantMetrics', 'CanaryPolicy', 'Decision', 'decide', 'AliasState', 'LambdaRelease', 'CanaryResult', 'run_canary',
            'variant_metrics', 'histogram_p95_ms', 'ab_compare']
@@ -98,8 +100,8 @@ class LambdaRelease:
         if (zip_file is None) == (image_uri is None): raise ValueError("give a zip file or an image URI, not both")
         code = {"ZipFile": zip_file} if zip_file is not None else {"ImageUri": image_uri}
         self.client.update_function_code(FunctionName=self.function, **code)
-        self.client.get_waiter("function_updated").wait(FunctionName=self.function, WaiterConfig={"Delay": 1, "MaxAttempts": 300})
-        return self.client.publish_version(FunctionName=self.function, Description=description)["Version"]
+        wait_until_updated(self.client, self.function)
+        return publish_version(self.client, self.function, description)
 
     def state(self) -> AliasState:
         "Where the alias sends traffic now."
@@ -110,13 +112,8 @@ class LambdaRelease:
 
     def point(self, version: str, # the version the alias should point at
              ) -> AliasState:
-        "Point the alias at `version`, creating it the first time."
-        try: self.client.get_alias(FunctionName=self.function, Name=self.alias)
-        except self.client.exceptions.ResourceNotFoundException:
-            self.client.create_alias(FunctionName=self.function, Name=self.alias, FunctionVersion=version)
-            return self.state()
-        self.client.update_alias(FunctionName=self.function, Name=self.alias, FunctionVersion=version,
-                                 RoutingConfig={"AdditionalVersionWeights": {}})
+        "Point the alias at `version` with all the traffic, creating it the first time."
+        point_alias(self.client, self.function, self.alias, version)
         return self.state()
 
     def set_canary(self, version: str, # the new version
@@ -125,7 +122,7 @@ class LambdaRelease:
         "Send `weight` of the alias's invocations to `version`, the rest to the stable version."
         if not 0 < weight < 1: raise ValueError(f"a canary weight is between 0 and 1 (exclusive), got {weight}")
         if version == self.state().stable: raise ValueError(f"version {version} is already the stable version")
-        self.client.update_alias(FunctionName=self.function, Name=self.alias, RoutingConfig={"AdditionalVersionWeights": {version: weight}})
+        point_alias(self.client, self.function, self.alias, self.state().stable, extra_weights={version: weight})
         return self.state()
 
     def promote(self) -> AliasState:
@@ -136,8 +133,7 @@ class LambdaRelease:
 
     def rollback(self) -> AliasState:
         "Send all traffic back to the stable version."
-        self.client.update_alias(FunctionName=self.function, Name=self.alias, RoutingConfig={"AdditionalVersionWeights": {}})
-        return self.state()
+        return self.point(self.state().stable)
 
     def switch(self, version: str, # the version that takes all traffic (green)
               ) -> AliasState:
