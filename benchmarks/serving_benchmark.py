@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT/"tests"))
-from containers import (LambdaRuntimeAPI, build_image, container_memory_peak_bytes, container_peak_rss_bytes, ensure_base_image, http, image_exists,  # noqa: E402
-                        lambda_run_args, make_build_context, podman, remove_container, remove_image, run_http_container, free_port,
+from containers import (build_image, container_memory_peak_bytes, container_peak_rss_bytes, ensure_base_image, http, image_exists,  # noqa: E402
+                        make_build_context, podman, remove_container, remove_image, run_http_container, run_lambda_container, free_port,
                         publish_args, BASE_IMAGE)
 
 SHARED_COLA = ROOT.parent/"shared"/"data"/"cola"  # mlops-export validates on CoLA: use the local copy when there is one
@@ -118,23 +118,17 @@ def lambda_cold_start_in_image(tag: str, runs: int) -> list[dict]:
 
 def lambda_runtime(tag: str, warm_events: int) -> dict:
     "The image under the Lambda runtime client: container start to first answer, then warm invocations (direct events)."
-    name = f"mlops-bench-{uuid.uuid4().hex[:10]}"
-    with LambdaRuntimeAPI() as api:
-        try:
-            started = time.perf_counter()
-            podman("run", *lambda_run_args(api, name), tag, "lambda")
-            first = api.invoke({"sentence": SENTENCES[0]}, container=name)
-            assert first.kind == "response", first.payload
-            to_first_answer = first.answered - started
-            init_s = api.first_poll - started
-            warm = []
-            for i in range(warm_events):
-                answer = api.invoke({"sentence": SENTENCES[i % len(SENTENCES)]}, container=name)
-                assert answer.kind == "response", answer.payload
-                warm.append(answer.seconds * 1000)
-            peak, rss = container_memory_peak_bytes(name), container_peak_rss_bytes(name)
-        finally:
-            remove_container(name)
+    with run_lambda_container(tag) as (api, name, started):
+        first = api.invoke({"sentence": SENTENCES[0]}, container=name)
+        assert first.kind == "response", first.payload
+        to_first_answer = first.answered - started
+        init_s = api.first_poll - started
+        warm = []
+        for i in range(warm_events):
+            answer = api.invoke({"sentence": SENTENCES[i % len(SENTENCES)]}, container=name)
+            assert answer.kind == "response", answer.payload
+            warm.append(answer.seconds * 1000)
+        peak, rss = container_memory_peak_bytes(name), container_peak_rss_bytes(name)
     return {"container_start_to_runtime_client_ready_s": round(init_s, 3), "first_invocation_s": round(first.seconds, 3),
             "container_start_to_first_response_s": round(to_first_answer, 3),
             "warm_ms": {"n": len(warm), "p50": round(percentile(warm, 50), 2), "p99": round(percentile(warm, 99), 2),

@@ -393,3 +393,19 @@ def lambda_run_args(api: LambdaRuntimeAPI, # the Runtime API the container polls
             "--env", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE=2048", "--env", "AWS_REGION=eu-west-1"]
     if read_only: args += ["--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=64m,mode=1777"]
     return args
+
+
+@contextlib.contextmanager
+def run_lambda_container(image: str, # the serving image
+                         *extra: str, # more `podman run` arguments (before the image), e.g. --user 993:990
+                         command: tuple[str, ...] = ("lambda",), # the container command; () runs the image's default
+                        ) -> Iterator[tuple[LambdaRuntimeAPI, str, float]]:
+    "Run the image as a Lambda function against a fresh Runtime API: yields (the API, container name, perf_counter at `podman run`); removed after."
+    name = f"mlops-test-{uuid.uuid4().hex[:10]}"
+    with LambdaRuntimeAPI() as api:
+        started = time.perf_counter()
+        try:
+            podman("run", *lambda_run_args(api, name), *extra, image, *command)
+            yield api, name, started
+        finally:
+            remove_container(name)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT
-from containers import (CA_BUNDLE, CONTEXT_FILES, LambdaRuntimeAPI, http, lambda_run_args, make_build_context, podman, remove_container,
-                        run_http_container)
+from containers import (CA_BUNDLE, CONTEXT_FILES, http, make_build_context, podman, remove_container, run_http_container,
+                        run_lambda_container)
 
 EVENTS = Path(__file__).parent/"events"
 HEAVY = {"torch", "transformers", "lightning", "pytorch-lightning", "torchmetrics"}
@@ -207,55 +207,40 @@ def test_lambda_container_answers_every_event_kind(image, serving_dir):
     "The runtime client in the image, as Lambda runs it: read-only root file system, a tmpfs /tmp, an unprivileged user id."
     from mlops_basics.predictor import ONNXPredictor
     version = ONNXPredictor(serving_dir, threads=1).version
-    name = f"mlops-test-{uuid.uuid4().hex[:10]}"
-    with LambdaRuntimeAPI() as api:
-        try:
-            podman("run", *lambda_run_args(api, name), "--user", "993:990", image.tag, "lambda")
-            v1 = api.invoke(event("apigw_v1.json"), container=name)
-            assert v1.kind == "response" and v1.payload["statusCode"] == 200, v1.payload
-            assert len(json.loads(v1.payload["body"])["predictions"]) == 2
-            v2 = api.invoke(event("apigw_v2.json"), container=name)
-            assert v2.kind == "response" and v2.payload["statusCode"] == 200 and len(json.loads(v2.payload["body"])["predictions"]) == 1
-            assert {k.lower(): v for k, v in v2.payload["headers"].items()}["x-request-id"] == "apigw-v2-test"
-            url = api.invoke(event("function_url.json"), container=name)
-            assert url.payload["statusCode"] == 200 and json.loads(url.payload["body"])["model"]["version"] == version
-            direct = api.invoke(event("direct.json"), container=name)
-            assert direct.kind == "response" and direct.payload["model_version"] == version and len(direct.payload["predictions"]) == 1
-            too_long = api.invoke({"sentences": ["x" * 5000]}, container=name)
-            assert too_long.kind == "response" and too_long.payload["statusCode"] == 422
-            assert api.init_errors == []
-            # Nothing outside /tmp can be written, and nothing was.
-            assert podman("exec", name, "touch", "/opt/mlops/probe", check=False).returncode != 0
-            podman("exec", name, "touch", "/tmp/probe")
-            assert podman("diff", name).stdout.strip() == ""
-            print(f"lambda: first event {v1.seconds:.2f} s (model load), then {direct.seconds * 1000:.0f} ms")
-        finally:
-            remove_container(name)
+    with run_lambda_container(image.tag, "--user", "993:990") as (api, name, _):
+        v1 = api.invoke(event("apigw_v1.json"), container=name)
+        assert v1.kind == "response" and v1.payload["statusCode"] == 200, v1.payload
+        assert len(json.loads(v1.payload["body"])["predictions"]) == 2
+        v2 = api.invoke(event("apigw_v2.json"), container=name)
+        assert v2.kind == "response" and v2.payload["statusCode"] == 200 and len(json.loads(v2.payload["body"])["predictions"]) == 1
+        assert {k.lower(): v for k, v in v2.payload["headers"].items()}["x-request-id"] == "apigw-v2-test"
+        url = api.invoke(event("function_url.json"), container=name)
+        assert url.payload["statusCode"] == 200 and json.loads(url.payload["body"])["model"]["version"] == version
+        direct = api.invoke(event("direct.json"), container=name)
+        assert direct.kind == "response" and direct.payload["model_version"] == version and len(direct.payload["predictions"]) == 1
+        too_long = api.invoke({"sentences": ["x" * 5000]}, container=name)
+        assert too_long.kind == "response" and too_long.payload["statusCode"] == 422
+        assert api.init_errors == []
+        # Nothing outside /tmp can be written, and nothing was.
+        assert podman("exec", name, "touch", "/opt/mlops/probe", check=False).returncode != 0
+        podman("exec", name, "touch", "/tmp/probe")
+        assert podman("diff", name).stdout.strip() == ""
+        print(f"lambda: first event {v1.seconds:.2f} s (model load), then {direct.seconds * 1000:.0f} ms")
 
 
 @pytest.mark.slow
 def test_lambda_init_error_is_reported(image):
-    name = f"mlops-test-{uuid.uuid4().hex[:10]}"
-    with LambdaRuntimeAPI() as api:
-        try:
-            podman("run", *lambda_run_args(api, name), image.tag, "lambda", "mlops_basics.no_such_module.handler")
-            exit_code = podman("wait", name, timeout=120).stdout.strip()
-            assert exit_code not in ("", "0"), exit_code
-            assert api.init_errors and api.init_errors[0][0] == "Runtime.ImportModuleError", api.init_errors
-            assert "no_such_module" in json.dumps(api.init_errors[0][1])
-        finally:
-            remove_container(name)
+    with run_lambda_container(image.tag, command=("lambda", "mlops_basics.no_such_module.handler")) as (api, name, _):
+        exit_code = podman("wait", name, timeout=120).stdout.strip()
+        assert exit_code not in ("", "0"), exit_code
+        assert api.init_errors and api.init_errors[0][0] == "Runtime.ImportModuleError", api.init_errors
+        assert "no_such_module" in json.dumps(api.init_errors[0][1])
 
 
 @pytest.mark.slow
 def test_lambda_invocation_error_is_reported(image):
-    name = f"mlops-test-{uuid.uuid4().hex[:10]}"
-    with LambdaRuntimeAPI() as api:
-        try:
-            # No command: with AWS_LAMBDA_RUNTIME_API set, as on Lambda, the image's default command runs the runtime client.
-            podman("run", *lambda_run_args(api, name), "--env", "MLOPS_SERVING_DIR=/opt/mlops/missing", image.tag)
-            answer = api.invoke(event("direct.json"), container=name)
-            assert answer.kind == "error" and answer.payload["errorType"] == "ArtifactsError", answer.payload
-            assert "/opt/mlops/missing" in answer.payload["errorMessage"]
-        finally:
-            remove_container(name)
+    # No command: with AWS_LAMBDA_RUNTIME_API set, as on Lambda, the image's default command runs the runtime client.
+    with run_lambda_container(image.tag, "--env", "MLOPS_SERVING_DIR=/opt/mlops/missing", command=()) as (api, name, _):
+        answer = api.invoke(event("direct.json"), container=name)
+        assert answer.kind == "error" and answer.payload["errorType"] == "ArtifactsError", answer.payload
+        assert "/opt/mlops/missing" in answer.payload["errorMessage"]

@@ -96,7 +96,7 @@ def test_push_pull_release_and_rollback(image, registry, aws, tmp_path):
             same = json.loads(deploy("release", "--image-uri", result["image_uri"], "--smoke-url", url, env=aws).stdout)
             assert (same["version"], same["changes"]) == (first["version"], [])
     finally:
-        remove_image(pulled)
+        for tag in (sha, "v0.1.0"): remove_image(f"{registry}/mlops-basics:{tag}")  # push_image tagged both locally
 
     # A new image whose smoke test fails: the alias goes back to the released version.
     other = result["image_uri"].split("@")[0] + "@sha256:" + "f" * 64
