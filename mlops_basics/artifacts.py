@@ -5,6 +5,7 @@
 # %% ../nbs/00b_artifacts.ipynb #560205eb
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -13,11 +14,12 @@ import subprocess
 import uuid
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 # %% auto #0
 __all__ = ['ARTIFACTS_FORMAT', 'METADATA_FILE', 'REQUIRED_METADATA', 'TRACKED_PACKAGES', 'ArtifactsError', 'git_state',
-           'package_versions', 'replace_directory', 'make_readable', 'write_artifacts', 'read_metadata']
+           'package_versions', 'replace_directory', 'make_readable', 'atomic_directory', 'atomic_file',
+           'write_artifacts', 'read_metadata']
 
 # %% ../nbs/00b_artifacts.ipynb #7a6fcee3
 ARTIFACTS_FORMAT = 1  # bump when the layout changes incompatibly
@@ -71,6 +73,33 @@ def make_readable(directory: Path, # directory to fix, recursively
         path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
 
 # %% ../nbs/00b_artifacts.ipynb #254b328e
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, # the directory to (re)write
+                    ) -> Iterator[Path]:
+    "Yield an empty staging directory; on success it becomes `target` (made readable), on failure it is removed."
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        make_readable(staging)
+        replace_directory(staging, target)
+    finally: shutil.rmtree(staging, ignore_errors=True)
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, # the file to (re)write
+               ) -> Iterator[Path]:
+    "Yield a staging path next to `target`; on success it replaces `target`, on failure it is removed."
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally: staging.unlink(missing_ok=True)
+
+# %% ../nbs/00b_artifacts.ipynb #1f1a4883
 def _json_default(obj):
     "Encode numpy scalars, paths and the like found in metrics and configs."
     if hasattr(obj, "item"): return obj.item()
@@ -84,18 +113,12 @@ def write_artifacts(directory: str | Path, # the artifacts directory to (re)writ
     "Write the model, tokenizer and `metadata.json` into `directory`, atomically."
     missing = [k for k in REQUIRED_METADATA if k != "format" and k not in metadata]
     if missing: raise ArtifactsError(f"metadata lacks {', '.join(missing)}")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        staging.mkdir()
+    with atomic_directory(directory) as staging:
         for saver in savers: saver.save_pretrained(staging)
         record = {"format": ARTIFACTS_FORMAT, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   **metadata}
         (staging/METADATA_FILE).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
-        make_readable(staging)
-        return replace_directory(staging, directory)
-    finally: shutil.rmtree(staging, ignore_errors=True)
+    return Path(directory)
 
 # %% ../nbs/00b_artifacts.ipynb #9c26901f
 def read_metadata(directory: str | Path, # an artifacts directory
