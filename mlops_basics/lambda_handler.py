@@ -13,7 +13,7 @@ from mangum import Mangum
 from .app import ServeSettings, configure_request_logging, create_app
 
 # %% auto #0
-__all__ = ['runtime', 'is_http_event', 'predict_event', 'handler']
+__all__ = ['runtime', 'is_http_event', 'predict_event', 'PredictFailed', 'handler']
 
 # %% ../nbs/08_lambda.ipynb #73c00d20
 _runtime: dict[str, Any] = {}
@@ -42,6 +42,9 @@ def predict_event(body: Any, # the JSON a direct invocation sends to /predict
                                "requestId": "direct", "accountId": "direct", "apiId": "direct"}}
 
 # %% ../nbs/08_lambda.ipynb #b14c2e71
+class PredictFailed(RuntimeError):
+    "The app answered a direct invocation with a server error."
+
 def handler(event: Any, # the Lambda event
             context: Any = None, # the Lambda context
            ) -> dict[str, Any]:
@@ -50,6 +53,8 @@ def handler(event: Any, # the Lambda event
     if is_http_event(event): return state["mangum"](event, context)
     body = {"sentences": [event["sentence"]]} if isinstance(event, dict) and set(event) == {"sentence"} else event
     response = state["mangum"](predict_event(body), context)
+    status = response["statusCode"]
+    if status >= 500: raise PredictFailed(f"/predict failed with status {status}: {response['body']}")  # raw: a 5xx body need not be JSON
     payload = json.loads(response["body"])
-    if response["statusCode"] != 200: return {"statusCode": response["statusCode"], "error": payload.get("detail")}
+    if status != 200: return {"statusCode": status, "error": payload.get("detail")}
     return payload

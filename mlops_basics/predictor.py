@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from .artifacts import ArtifactsError, read_metadata
 from .data import sha256_file
-from .inference import BasePredictor
+from .inference import BasePredictor, Prediction, as_sentences, predictions_from_logits
 
 # %% auto #0
-__all__ = ['load_tokenizer', 'encode_batch', 'check_serving_files', 'ONNXPredictor']
+__all__ = ['load_tokenizer', 'encodings_to_arrays', 'encode_batch', 'check_serving_files', 'ONNXPredictor']
 
 # %% ../nbs/04b_predictor.ipynb #616bd8fa
 def load_tokenizer(path: str | Path, # a tokenizer.json file
@@ -31,14 +31,18 @@ def load_tokenizer(path: str | Path, # a tokenizer.json file
     tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
     return tokenizer
 
+def encodings_to_arrays(encodings: list[Encoding], # one padded batch, from `Tokenizer.encode_batch`
+                       ) -> dict[str, np.ndarray]:
+    "int64 arrays `input_ids`, `attention_mask` and `token_type_ids` of `encodings`."
+    return {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
+
 def encode_batch(tokenizer: Tokenizer, # from `load_tokenizer`
                  sentences: list[str], # the batch
                 ) -> dict[str, np.ndarray]:
     "int64 arrays `input_ids`, `attention_mask` and `token_type_ids` for `sentences`."
-    encodings = tokenizer.encode_batch(sentences)
-    return {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
+    return encodings_to_arrays(tokenizer.encode_batch(sentences))
 
 # %% ../nbs/04b_predictor.ipynb #911e7917
 def check_serving_files(directory: Path, # a serving directory
@@ -82,17 +86,33 @@ class ONNXPredictor(BasePredictor):
         try: self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         except Exception as e: raise ArtifactsError(f"ONNX Runtime could not load {model_path}: {e}") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.unknown_id = self.tokenizer.token_to_id("[UNK]")  # None for a vocabulary without one: then nothing counts as unknown
 
     @property
     def version(self) -> str:
         "A short identifier of the loaded model: the first 12 hex digits of its file's sha256, and the variant."
         return f"{self.metadata['variants'][self.variant]['sha256'][:12]}-{self.variant}"
 
-    def batch_logits(self, sentences: list[str]) -> np.ndarray:
-        encodings = encode_batch(self.tokenizer, sentences)
-        return self.session.run(["logits"], {name: encodings[name] for name in self.input_names})[0]
+    def encoded_logits(self, encodings: list[Encoding]) -> np.ndarray:
+        "Logits of one batch of encodings, shape (len(encodings), n_labels)."
+        arrays = encodings_to_arrays(encodings)
+        return self.session.run(["logits"], {name: arrays[name] for name in self.input_names})[0]
 
-    def token_stats(self, sentences: list[str]) -> list[tuple[int, int]]:
+    def batch_logits(self, sentences: list[str]) -> np.ndarray:
+        return self.encoded_logits(self.tokenizer.encode_batch(sentences))
+
+    def encoded_stats(self, encodings: list[Encoding]) -> list[tuple[int, int]]:
+        "(tokens, unknown tokens) of each encoding, padding left out."
+        return [(sum(e.attention_mask), e.ids.count(self.unknown_id)) for e in encodings]
+
+    def token_stats(self, sentences: str | list[str]) -> list[tuple[int, int]]:
         "(tokens, unknown tokens) of each sentence, truncation included: what monitoring watches for drift."
-        unknown = self.tokenizer.token_to_id("[UNK]")
-        return [(sum(e.attention_mask), sum(i == unknown for i in e.ids)) for e in self.tokenizer.encode_batch(sentences)]
+        return self.encoded_stats(self.tokenizer.encode_batch(as_sentences(sentences)))
+
+    def predict_with_stats(self, sentences: str | list[str]) -> tuple[list[Prediction], list[tuple[int, int]]]:
+        "`predict` and `token_stats` together, tokenizing each sentence once: what the app calls."
+        items, logits, stats = as_sentences(sentences), [np.zeros((0, len(self.labels)), dtype=np.float32)], []
+        for start in range(0, len(items), self.batch_size):
+            encodings = self.tokenizer.encode_batch(items[start:start + self.batch_size])
+            logits.append(self.encoded_logits(encodings)); stats += self.encoded_stats(encodings)
+        return predictions_from_logits(np.concatenate(logits), self.labels), stats

@@ -116,14 +116,14 @@ def test_no_torch_in_the_image(image):
 @pytest.mark.slow
 def test_serving_files_are_readable_by_the_image_user(image, serving_dir):
     "mlops-export writes 0644 files (transformers saves some 0600): in the image, the non-root user reads them all and changes none."
-    probe = """import json, os, pwd, stat
+    probe = """import hashlib, json, os, pwd, stat
 from pathlib import Path
 d = Path(os.environ["MLOPS_SERVING_DIR"])
 files = {p.name: [oct(stat.S_IMODE(p.stat().st_mode)), p.stat().st_uid, hashlib.sha256(p.read_bytes()).hexdigest()] for p in sorted(d.iterdir())}
 try: (d/"probe").write_text("x"); writable = True
 except OSError: writable = False
 print(json.dumps({"uid": os.getuid(), "user": pwd.getpwuid(os.getuid()).pw_name, "files": files, "writable": writable}))"""
-    answer = json.loads(podman("run", "--rm", image.tag, "python3", "-c", "import hashlib\n" + probe).stdout)
+    answer = json.loads(podman("run", "--rm", image.tag, "python3", "-c", probe).stdout)
     assert answer["uid"] == 10001 and answer["user"] == "mlops" and answer["writable"] is False
     expected = {p.name: ["0o644", 0, hashlib.sha256(p.read_bytes()).hexdigest()] for p in serving_dir.iterdir()}
     assert answer["files"] == expected and {"metadata.json", "tokenizer.json"} <= set(expected)

@@ -1,6 +1,7 @@
 """The serving side from outside: `mlops-serve` over real HTTP, its page in Chromium, schemathesis, the Lambda handler,
 and a fresh virtual environment with only the serve extra."""
 import json
+import logging
 import re
 import shutil
 import socket
@@ -49,10 +50,15 @@ BAD_REQUESTS = {
 }
 
 
-def raw_post(url: str, path: str, body: bytes, headers: dict) -> tuple[int, bytes]:
-    "POST over a plain socket, tolerating a server that answers (e.g. 413) and closes before the body is sent."
+def raw_post(url: str, path: str, body: bytes, headers: dict, chunked: bool = False) -> tuple[int, bytes]:
+    """POST over a plain socket, tolerating a server that answers (e.g. 413) and closes before the body is sent.
+    `chunked` sends the body in 64 KiB chunks with no Content-Length, as a streaming client does."""
     host, port = url.removeprefix("http://").split(":")
-    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Host": host, "Content-Length": str(len(body)), "Connection": "close"}.items())
+    length = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(len(body))}
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Host": host, **length, "Connection": "close"}.items())
+    if chunked:
+        pieces = [body[i:i + 65536] for i in range(0, len(body), 65536)]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
         try: sock.sendall(body)
@@ -71,6 +77,85 @@ def test_bad_requests_get_clear_4xx(server, name):
     status, answer = raw_post(server[0], "/predict", body, headers)
     assert status == expected, answer[:500]
     assert "detail" in json.loads(answer)
+
+
+def test_chunked_body_over_the_limit_gets_413(server):
+    "No Content-Length to refuse up front: the bytes are counted as they arrive, and the answer is still a JSON 413."
+    body = b'{"sentences": ["' + b"a" * 2_000_000 + b'"]}'
+    status, answer = raw_post(server[0], "/predict", body, JSON, chunked=True)
+    assert status == 413, answer[:500]
+    assert json.loads(answer) == {"detail": "the request body is larger than 1000000 bytes"}
+    small_status, small_answer = raw_post(server[0], "/predict", b'{"sentences": ["She sang."]}', JSON, chunked=True)
+    assert small_status == 200 and len(json.loads(small_answer)["predictions"]) == 1
+
+
+class FailingSession:
+    "Stands in for an ONNX Runtime session that has started to fail."
+    def run(self, *args, **kwargs): raise RuntimeError("the ONNX session failed")
+
+
+@pytest.fixture
+def request_log():
+    "The request log lines written while the test runs, as dicts."
+    from mlops_basics.app import REQUEST_LOGGER, configure_request_logging
+    configure_request_logging()
+    lines = []
+    class Collect(logging.Handler):
+        def emit(self, record): lines.append(json.loads(record.getMessage()))
+    handler = Collect()
+    logging.getLogger(REQUEST_LOGGER).addHandler(handler)
+    try: yield lines
+    finally: logging.getLogger(REQUEST_LOGGER).removeHandler(handler)
+
+
+def test_a_failing_model_is_a_json_500_counted_and_logged(serving_dir, request_log):
+    from fastapi.testclient import TestClient
+    from mlops_basics.app import ServeSettings, create_app
+    from mlops_basics.predictor import ONNXPredictor
+    predictor = ONNXPredictor(serving_dir, threads=1)
+    client = TestClient(create_app(ServeSettings(serving_dir=str(serving_dir)), predictor=predictor))
+    predictor.session = FailingSession()  # after the app's warm-up prediction
+    response = client.post("/predict", json={"sentences": ["She sang."]}, headers={"X-Request-ID": "fails-1"})
+    assert response.status_code == 500 and response.headers["x-request-id"] == "fails-1"
+    assert response.json() == {"detail": "internal error", "request_id": "fails-1"}
+    metrics = client.get("/metrics").text
+    assert 'mlops_requests_total{method="POST",route="/predict",status="500"} 1.0' in metrics
+    assert 'mlops_model_requests_total{assigned="live",model="main",status="500"} 1.0' in metrics
+    [line] = [l for l in request_log if l["request_id"] == "fails-1"]
+    assert line["status"] == 500 and line["error"] == "RuntimeError: the ONNX session failed"
+    assert line["traceback"].startswith("Traceback") and "the ONNX session failed" in line["traceback"]
+
+
+def test_predict_tokenizes_each_sentence_once(serving_dir):
+    from fastapi.testclient import TestClient
+    from mlops_basics.app import ServeSettings, create_app
+    from mlops_basics.predictor import ONNXPredictor
+    predictor = ONNXPredictor(serving_dir, threads=1)
+    client = TestClient(create_app(ServeSettings(serving_dir=str(serving_dir)), predictor=predictor))
+    encoded = []
+    class Counting:
+        def __init__(self, tokenizer): self.tokenizer = tokenizer
+        def encode_batch(self, sentences): encoded.extend(sentences); return self.tokenizer.encode_batch(sentences)
+        def __getattr__(self, name): return getattr(self.tokenizer, name)
+    predictor.tokenizer = Counting(predictor.tokenizer)
+    response = client.post("/predict", json={"sentences": ["She sang.", "Sang she the.", "Hello 🦘"]})
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 3
+    assert encoded == ["She sang.", "Sang she the.", "Hello 🦘"]
+
+
+def test_metadata_without_metrics_still_serves(serving_dir, tmp_path):
+    "Validation metrics are optional in a serving directory: /health says None rather than failing."
+    from fastapi.testclient import TestClient
+    from mlops_basics.app import ServeSettings, create_app
+    copy = tmp_path/"serving"; shutil.copytree(serving_dir, copy)
+    meta = json.loads((copy/"metadata.json").read_text())
+    for spec in meta["variants"].values(): spec.pop("metrics")
+    (copy/"metadata.json").write_text(json.dumps(meta))
+    client = TestClient(create_app(ServeSettings(serving_dir=str(copy))))
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["model"]["validation_mcc"] is None
+    assert health.json()["model"]["version"] == health.json()["models"]["main"]["version"]
+    assert client.post("/predict", json={"sentences": ["She sang."]}).status_code == 200
 
 
 def test_server_refuses_to_start_without_a_model(tmp_path):
@@ -123,13 +208,38 @@ def test_lambda_handler_in_process(serving_dir, monkeypatch):
     monkeypatch.setenv("MLOPS_SERVING_DIR", str(serving_dir))
     from mlops_basics import lambda_handler
     lambda_handler._runtime.clear()
-    events = Path(__file__).parent/"events"
-    for name, status in (("apigw_v1.json", 200), ("apigw_v2.json", 200), ("function_url.json", 200)):
-        answer = lambda_handler.handler(json.loads((events/name).read_text()), None)
-        assert answer["statusCode"] == status, (name, answer)
-    direct = lambda_handler.handler(json.loads((events/"direct.json").read_text()), None)
-    assert len(direct["predictions"]) == 1 and direct["model_version"]
-    assert lambda_handler.handler({"sentences": ["x" * 5000]}, None)["statusCode"] == 422
+    try:
+        events = Path(__file__).parent/"events"
+        for name, status in (("apigw_v1.json", 200), ("apigw_v2.json", 200), ("function_url.json", 200)):
+            answer = lambda_handler.handler(json.loads((events/name).read_text()), None)
+            assert answer["statusCode"] == status, (name, answer)
+        direct = lambda_handler.handler(json.loads((events/"direct.json").read_text()), None)
+        assert len(direct["predictions"]) == 1 and direct["model_version"]
+        assert lambda_handler.handler({"sentences": ["x" * 5000]}, None)["statusCode"] == 422
+    finally:
+        lambda_handler._runtime.clear()  # the next test that uses the handler builds its own app
+
+
+def test_lambda_direct_invocation_of_a_failing_model_raises(serving_dir):
+    "A 5xx is the function's fault: a clear PredictFailed (a Lambda function error), not a JSONDecodeError or a 200."
+    from mangum import Mangum
+    from mlops_basics import lambda_handler
+    from mlops_basics.app import ServeSettings, create_app
+    from mlops_basics.predictor import ONNXPredictor
+    predictor = ONNXPredictor(serving_dir, threads=1)
+    app = create_app(ServeSettings(serving_dir=str(serving_dir)), predictor=predictor)
+    predictor.session = FailingSession()
+    lambda_handler._runtime.clear()
+    lambda_handler._runtime.update(app=app, mangum=Mangum(app, lifespan="off"))
+    try:
+        with pytest.raises(lambda_handler.PredictFailed, match=r"^/predict failed with status 500: ") as failed:
+            lambda_handler.handler({"sentence": "She sang."}, None)
+        answer = json.loads(str(failed.value).partition(": ")[2])
+        assert answer["detail"] == "internal error" and re.fullmatch(r"[0-9a-f]{32}", answer["request_id"])
+        http_answer = lambda_handler.handler(json.loads((Path(__file__).parent/"events"/"apigw_v2.json").read_text()), None)
+        assert http_answer["statusCode"] == 500 and json.loads(http_answer["body"])["detail"] == "internal error"
+    finally:
+        lambda_handler._runtime.clear()
 
 
 @pytest.mark.slow
