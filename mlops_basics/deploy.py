@@ -23,9 +23,9 @@ import botocore.exceptions
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'DeployError', 'DeployConfig', 'clients', 'aws_errors', 'lifecycle_policy', 'ensure_repository',
-           'container_cli', 'registry_login', 'push_image', 'wanted_configuration', 'wait_until_updated',
-           'ensure_function', 'ensure_log_group', 'publish_version', 'point_alias', 'http_smoke_test', 'ReleaseResult',
-           'release', 'status', 'main']
+           'container_cli', 'registry_login', 'existing_tags', 'push_image', 'wanted_configuration',
+           'wait_until_updated', 'ensure_function', 'ensure_log_group', 'publish_version', 'read_alias', 'point_alias',
+           'http_smoke_test', 'ReleaseResult', 'release', 'status', 'main']
 
 # %% ../nbs/07_registry.ipynb #424286ee
 class DeployError(RuntimeError):
@@ -91,7 +91,7 @@ def aws_errors(action: str, # what was being done, for the message
         raise DeployError(f"{action}: cannot reach {e.kwargs.get('endpoint_url')}: check AWS_REGION and AWS_ENDPOINT_URL") from e
     except botocore.exceptions.ClientError as e:
         code, message = e.response["Error"].get("Code", "?"), e.response["Error"].get("Message", "")
-        hint = " (the credentials lack this permission: see the IAM policy in infra/template.yaml)" if "AccessDenied" in code else ""
+        hint = " (the credentials lack this permission: see DeployerPolicy in infra/template.yaml)" if "AccessDenied" in code else ""
         raise DeployError(f"{action}: AWS answered {code}: {message}{hint}") from e
 
 # %% ../nbs/07_registry.ipynb #8fd9d032
@@ -156,17 +156,36 @@ def registry_login(ecr, # a boto3 ECR client
     _run([cli, "login", *extra, "--username", user, "--password-stdin", host], f"logging {cli} into {host}", stdin=password)
     return host
 
+def existing_tags(ecr, # a boto3 ECR client
+                  repository: str, # repository name
+                  tags: Sequence[str], # the tags about to be pushed
+                 ) -> dict[str, str]:
+    "The tags among `tags` that already name an image in the ECR repository, with that image's digest."
+    found = {}
+    with aws_errors(f"looking up tags in the ECR repository {repository!r}"):
+        for tag in tags:
+            try: images = ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])["imageDetails"]
+            except ecr.exceptions.ImageNotFoundException: continue
+            if images: found[tag] = images[0]["imageDigest"]
+    return found
+
 def push_image(local_image: str, # the image to push, e.g. mlops-basics:latest
                repository_uri: str, # the ECR repository URI (or its equivalent in another registry)
                tags: Sequence[str], # tags to push: the git SHA, the version
                cli: str | None = None, # podman or docker; None picks one
                tls_verify: bool = True, # False for a local plain-HTTP registry
+               existing: dict[str, str] | None = None, # tags the repository already holds, and their digests (see `existing_tags`)
               ) -> str:
-    "Tag and push `local_image` to `repository_uri`; returns the image digest (sha256:…)."
+    "Tag and push those of `tags` not in `existing`; returns the image digest (sha256:…)."
     if not tags: raise DeployError("push_image needs at least one tag (e.g. the git SHA)")
+    existing = {t: d for t, d in (existing or {}).items() if t in tags}
+    if len(set(existing.values())) > 1:
+        raise DeployError(f"the tags {', '.join(sorted(existing))} already name different images in {repository_uri} "
+                          f"({', '.join(f'{t}={d}' for t, d in sorted(existing.items()))}): tags are immutable, push under a new tag")
+    if set(existing) == set(tags): return next(iter(existing.values()))  # all there already: nothing to push
     cli = cli or container_cli()
     digest = None
-    for tag in tags:
+    for tag in [t for t in tags if t not in existing]:
         target = f"{repository_uri}:{tag}"
         _run([cli, "tag", local_image, target], f"tagging {local_image} as {target}")
         if cli == "podman":
@@ -178,6 +197,10 @@ def push_image(local_image: str, # the image to push, e.g. mlops-basics:latest
             out = _run([cli, "push", target], f"pushing {target}")
             digest = next((w for w in out.split() if w.startswith("sha256:")), digest)
     if not digest: raise DeployError(f"pushed {repository_uri} but could not read the image digest")
+    for tag, other in existing.items():
+        if other != digest:
+            raise DeployError(f"tag {tag!r} already names {other} in {repository_uri}, not the image just pushed ({digest}, under "
+                              f"{', '.join(t for t in tags if t not in existing)}): tags are immutable, so {tag!r} cannot move to this build")
     return digest
 
 # %% ../nbs/07_registry.ipynb #f708c004
@@ -252,6 +275,16 @@ def publish_version(lam, # a boto3 Lambda client
         if same: return max(same, key=lambda v: int(v["Version"]))["Version"]
         return lam.publish_version(FunctionName=name, Description=description)["Version"]
 
+def read_alias(lam, # a boto3 Lambda client
+               name: str, # function name
+               alias: str, # alias name
+              ) -> tuple[str, dict[str, float]] | None:
+    "The version `alias` points at and the extra weights of its routing; None if there is no such alias."
+    with aws_errors(f"reading the alias {alias!r} of {name}"):
+        try: current = lam.get_alias(FunctionName=name, Name=alias)
+        except lam.exceptions.ResourceNotFoundException: return None
+    return current["FunctionVersion"], dict((current.get("RoutingConfig") or {}).get("AdditionalVersionWeights") or {})
+
 def point_alias(lam, # a boto3 Lambda client
                 name: str, # function name
                 alias: str, # alias name
@@ -259,15 +292,13 @@ def point_alias(lam, # a boto3 Lambda client
                 extra_weights: dict[str, float] | None = None, # other versions and their share of traffic (canary)
                ) -> str | None:
     "Point `alias` at `version` (creating it if needed); returns the version it pointed at before."
-    routing = {"AdditionalVersionWeights": extra_weights or {}}
+    wanted, current = (version, dict(extra_weights or {})), read_alias(lam, name, alias)
     with aws_errors(f"moving the alias {alias!r} of {name}"):
-        try: current = lam.get_alias(FunctionName=name, Name=alias)
-        except lam.exceptions.ResourceNotFoundException:
-            lam.create_alias(FunctionName=name, Name=alias, FunctionVersion=version, RoutingConfig=routing)
-            return None
-        if current["FunctionVersion"] != version or (current.get("RoutingConfig") or {}).get("AdditionalVersionWeights", {}) != routing["AdditionalVersionWeights"]:
-            lam.update_alias(FunctionName=name, Name=alias, FunctionVersion=version, RoutingConfig=routing)
-        return current["FunctionVersion"]
+        if current is None:
+            lam.create_alias(FunctionName=name, Name=alias, FunctionVersion=version, RoutingConfig={"AdditionalVersionWeights": wanted[1]})
+        elif current != wanted:
+            lam.update_alias(FunctionName=name, Name=alias, FunctionVersion=version, RoutingConfig={"AdditionalVersionWeights": wanted[1]})
+    return None if current is None else current[0]
 
 # %% ../nbs/07_registry.ipynb #9f56f4ee
 def http_smoke_test(url: str, # the endpoint, e.g. a function URL or API Gateway stage URL
@@ -303,18 +334,27 @@ def release(cfg: DeployConfig, # names and settings
             aws: dict[str, Any] | None = None, # boto3 clients; None creates them from `cfg`
            ) -> ReleaseResult:
     "Update the function to `image_uri`, publish a version, move the alias, smoke-test, and roll back on failure."
+    if smoke_url is not None and not smoke_url.strip():
+        raise DeployError("the smoke-test URL is empty (an unset variable?): pass the endpoint's URL, or leave --smoke-url out to skip the test")
     aws = aws or clients(cfg)
-    changes = ensure_function(aws["lambda"], cfg, image_uri) + ensure_log_group(aws["logs"], cfg)
-    version = publish_version(aws["lambda"], cfg.function_name, description)
-    previous = point_alias(aws["lambda"], cfg.function_name, cfg.alias, version)
+    lam = aws["lambda"]
+    changes = ensure_function(lam, cfg, image_uri) + ensure_log_group(aws["logs"], cfg)
+    version = publish_version(lam, cfg.function_name, description)
+    before = read_alias(lam, cfg.function_name, cfg.alias)
+    point_alias(lam, cfg.function_name, cfg.alias, version)
     answer = None
-    if smoke_url:
+    if smoke_url is not None:
         try: answer = smoke_test(smoke_url)
         except Exception as e:
-            if previous and previous != version: point_alias(aws["lambda"], cfg.function_name, cfg.alias, previous)
-            where = f"back to version {previous}" if previous and previous != version else "left where it was (no earlier version)"
-            raise DeployError(f"release of version {version} failed its smoke test ({e}); alias {cfg.alias!r} rolled {where}") from e
-    return ReleaseResult(version, previous, changes, answer)
+            if before is None:
+                with aws_errors(f"deleting the alias {cfg.alias!r}"): lam.delete_alias(FunctionName=cfg.function_name, Name=cfg.alias)
+                undone = f"alias {cfg.alias!r} deleted, as it did not exist before: no version is live"
+            else:
+                point_alias(lam, cfg.function_name, cfg.alias, *before)
+                weights = "".join(f", {w:.0%} of traffic to version {v}" for v, w in before[1].items())
+                undone = f"alias {cfg.alias!r} rolled back to version {before[0]}{weights}"
+            raise DeployError(f"release of version {version} failed its smoke test ({e}); {undone}") from e
+    return ReleaseResult(version, None if before is None else before[0], changes, answer)
 
 # %% ../nbs/07_registry.ipynb #d05d9994
 def status(cfg: DeployConfig, aws: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -347,9 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             aws = clients(cfg)
             uri, changes = ensure_repository(aws["ecr"], cfg.repository, cfg.keep_images)
             target = f"{args.registry}/{cfg.repository}" if args.registry else uri
-            registry_login(aws["ecr"], args.registry, tls_verify=not args.insecure_registry)
-            digest = push_image(args.image, target, args.tag, tls_verify=not args.insecure_registry)
-            print(json.dumps({"repository_changes": changes, "image_uri": f"{uri}@{digest}", "pushed_to": target, "tags": args.tag}))
+            existing = existing_tags(aws["ecr"], cfg.repository, args.tag)
+            if set(existing) != set(args.tag): registry_login(aws["ecr"], args.registry, tls_verify=not args.insecure_registry)
+            digest = push_image(args.image, target, args.tag, tls_verify=not args.insecure_registry, existing=existing)
+            print(json.dumps({"repository_changes": changes, "image_uri": f"{uri}@{digest}", "pushed_to": target, "tags": args.tag,
+                              "already_in_ecr": sorted(existing)}))
         elif args.command == "release":
             print(json.dumps(asdict(release(cfg, args.image_uri, args.smoke_url, args.description))))
         elif args.command == "status":

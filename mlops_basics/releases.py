@@ -121,9 +121,10 @@ class LambdaRelease:
                   ) -> AliasState:
         "Send `weight` of the alias's invocations to `version`, the rest to the stable version."
         if not 0 < weight < 1: raise ValueError(f"a canary weight is between 0 and 1 (exclusive), got {weight}")
-        if version == self.state().stable: raise ValueError(f"version {version} is already the stable version")
-        point_alias(self.client, self.function, self.alias, self.state().stable, extra_weights={version: weight})
-        return self.state()
+        stable = self.state().stable
+        if version == stable: raise ValueError(f"version {version} is already the stable version")
+        point_alias(self.client, self.function, self.alias, stable, extra_weights={version: weight})
+        return AliasState(stable, version, weight)
 
     def promote(self) -> AliasState:
         "Make the canary the stable version, with all the traffic."
@@ -154,22 +155,27 @@ def run_canary(release: LambdaRelease, # the function's alias
                policy: CanaryPolicy = CanaryPolicy(), # steps and limits
                pause: Callable[[], None] = lambda: time.sleep(60), # waits between looks at the metrics
               ) -> CanaryResult:
-    "Release `version` step by step; promote it when every step is healthy, roll it back at the first that is not."
+    "Release `version` step by step; promote it when every step is healthy, roll it back at the first that is not (or on any error)."
     stable, history = release.state().stable, []
-    for step, weight in enumerate(policy.steps):
-        release.set_canary(version, weight)
-        for look in range(policy.max_polls):
-            canary_metrics, stable_metrics = metrics(version, stable, weight)
-            decision = decide(canary_metrics, stable_metrics, policy)
-            history.append({"step": step, "weight": weight, "look": look, "canary": asdict(canary_metrics), "stable": asdict(stable_metrics),
-                            "action": decision.action, "reasons": list(decision.reasons)})
-            if decision.action != "wait": break
-            pause()
-        else:
-            decision = Decision("rollback", (f"step {step} did not get {policy.min_requests} requests in {policy.max_polls} looks",))
-            history.append({"step": step, "weight": weight, "look": policy.max_polls, "action": "rollback", "reasons": list(decision.reasons)})
-        if decision.action == "rollback": return CanaryResult("rolled back", release.rollback(), history)
-    return CanaryResult("promoted", release.promote(), history)
+    try:
+        for step, weight in enumerate(policy.steps):
+            release.set_canary(version, weight)
+            for look in range(policy.max_polls):
+                if look: pause()  # between looks, not after the last one
+                canary_metrics, stable_metrics = metrics(version, stable, weight)
+                decision = decide(canary_metrics, stable_metrics, policy)
+                history.append({"step": step, "weight": weight, "look": look, "canary": asdict(canary_metrics), "stable": asdict(stable_metrics),
+                                "action": decision.action, "reasons": list(decision.reasons)})
+                if decision.action != "wait": break
+            else:
+                decision = Decision("rollback", (f"step {step} did not get {policy.min_requests} requests in {policy.max_polls} looks",))
+                history.append({"step": step, "weight": weight, "look": policy.max_polls, "action": "rollback", "reasons": list(decision.reasons)})
+            if decision.action == "rollback": return CanaryResult("rolled back", release.point(stable), history)
+        return CanaryResult("promoted", release.promote(), history)
+    except BaseException as error:  # Ctrl-C included: no canary is left running unwatched
+        try: release.point(stable)
+        except Exception as undo: error.add_note(f"rolling the alias back to version {stable} failed too: {undo}")
+        raise
 
 # %% ../nbs/10_releases.ipynb #c530f092
 def variant_metrics(exposition: str, # the text of an app's /metrics

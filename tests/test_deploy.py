@@ -1,6 +1,8 @@
 """A full rehearsal of push + release: moto answers ECR, Lambda, IAM and CloudWatch Logs; Debian's docker-registry
 receives the real image layers (moto has no registry endpoint); the pushed image is pulled back, its digest checked,
-and run as the smoke-test target of the release. Failures must leave the alias where it was."""
+and run as the smoke-test target of the release. Failures must leave the alias where it was (or, on a first release,
+leave none). moto's ECR does not see the local registry, so where a test needs ECR to know a pushed image it registers
+the pushed manifest with moto (`ecr.put_image`), as ECR holds it after a real push."""
 import json
 import subprocess
 import time
@@ -60,6 +62,32 @@ def alias_version(env) -> str:
     return lam.get_alias(FunctionName=env["MLOPS_LAMBDA_FUNCTION"], Name="live")["FunctionVersion"]
 
 
+def alias_routing(env) -> tuple[str, dict] | None:
+    "The alias's version and extra weights; None when there is no alias."
+    lam = boto3.client("lambda", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=REGION)
+    try: alias = lam.get_alias(FunctionName=env["MLOPS_LAMBDA_FUNCTION"], Name="live")
+    except lam.exceptions.ResourceNotFoundException: return None
+    return alias["FunctionVersion"], (alias.get("RoutingConfig") or {}).get("AdditionalVersionWeights") or {}
+
+
+def new_function(env) -> dict:
+    "The same settings with a function of its own, so that a test does not depend on what another did."
+    return {**env, "MLOPS_LAMBDA_FUNCTION": f"mlops-basics-{uuid.uuid4().hex[:6]}"}
+
+
+def stand_in_image(tag: str) -> str:
+    "An image URI by digest; moto does not check that it exists, which suits tests of the alias logic."
+    return f"123456789012.dkr.ecr.{REGION}.amazonaws.com/mlops-basics@sha256:{tag * 64}"
+
+
+def register_in_ecr(env, registry, tag, digest, tags):
+    "Tell moto's ECR about an image pushed to the local registry (its manifest, under `tags`), as ECR would hold it."
+    manifest = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{registry}/mlops-basics:{tag}"],
+                              capture_output=True, text=True, check=True, timeout=120).stdout
+    ecr = boto3.client("ecr", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=REGION)
+    for t in tags: ecr.put_image(repositoryName="mlops-basics", imageManifest=manifest, imageTag=t, imageDigest=digest)
+
+
 def test_push_pull_release_and_rollback(image, registry, aws, tmp_path):
     sha = uuid.uuid4().hex + uuid.uuid4().hex[:8]
     pushed = deploy("push", "--image", image.tag, "--tag", sha, "--tag", "v0.1.0", "--registry", registry, "--insecure-registry", env=aws)
@@ -80,10 +108,28 @@ def test_push_pull_release_and_rollback(image, registry, aws, tmp_path):
     try:
         assert f"{registry}/mlops-basics@{digest}" in json.loads(podman("image", "inspect", "--format", "{{json .RepoDigests}}", pulled).stdout)
 
-        # A second push of the same image changes nothing in the repository.
-        again = deploy("push", "--image", image.tag, "--tag", sha, "--registry", registry, "--insecure-registry", env=aws)
+        # The deploy of the same commit again: ECR holds both (immutable) tags, so nothing is pushed, and the image is the
+        # same. The registry given is dead: any attempt to log in or push there would fail.
+        register_in_ecr(aws, registry, sha, digest, [sha, "v0.1.0"])
+        dead_registry = f"127.0.0.1:{free_port()}"
+        again = deploy("push", "--image", image.tag, "--tag", sha, "--tag", "v0.1.0", "--registry", dead_registry, "--insecure-registry", env=aws)
         assert again.returncode == 0, again.stderr[-2000:]
-        assert json.loads(again.stdout.strip().splitlines()[-1])["repository_changes"] == []
+        again = json.loads(again.stdout.strip().splitlines()[-1])
+        assert (again["repository_changes"], again["image_uri"], again["already_in_ecr"]) == ([], result["image_uri"], sorted([sha, "v0.1.0"]))
+
+        # A tag that ECR holds for another image cannot move to this one: the push says so and fails.
+        fresh, clash = f"fresh-{uuid.uuid4().hex[:8]}", f"clash-{uuid.uuid4().hex[:8]}"
+        other_digest = "sha256:" + "c" * 64
+        boto3.client("ecr", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name=REGION).put_image(
+            repositoryName="mlops-basics", imageTag=clash, imageDigest=other_digest, imageManifest=json.dumps(
+                {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": [],
+                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": other_digest, "size": 2}}))
+        try:
+            clashed = deploy("push", "--image", image.tag, "--tag", fresh, "--tag", clash, "--registry", registry, "--insecure-registry", env=aws)
+        finally:
+            remove_image(f"{registry}/mlops-basics:{fresh}")
+        assert clashed.returncode == 2, clashed.stdout + clashed.stderr[-2000:]
+        assert f"tag '{clash}' already names {other_digest}" in clashed.stderr and f"not the image just pushed ({digest}" in clashed.stderr
 
         # Release, smoke-testing the pulled-back image running as an HTTP server.
         with run_http_container(pulled) as (url, _, _):
@@ -108,12 +154,36 @@ def test_push_pull_release_and_rollback(image, registry, aws, tmp_path):
     assert status["version"] == first["version"] and len(status["versions"]) == 3  # $LATEST, the release, the rolled-back one
 
 
+def test_a_failed_release_puts_the_alias_back_exactly(aws):
+    "A canary is running (20% on version 2) when a release fails its smoke test: the alias goes back to that, weights included."
+    env = new_function(aws)
+    for tag in "12":
+        assert deploy("release", "--image-uri", stand_in_image(tag), env=env).returncode == 0
+    boto3.client("lambda", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=REGION).update_alias(
+        FunctionName=env["MLOPS_LAMBDA_FUNCTION"], Name="live", FunctionVersion="1", RoutingConfig={"AdditionalVersionWeights": {"2": 0.2}})
+    failed = deploy("release", "--image-uri", stand_in_image("3"), "--smoke-url", f"http://127.0.0.1:{free_port()}", env=env)
+    assert failed.returncode == 2 and "alias 'live' rolled back to version 1, 20% of traffic to version 2" in failed.stderr, failed.stderr
+    assert alias_routing(env) == ("1", {"2": 0.2})
+
+
+def test_a_failed_first_release_leaves_no_alias(aws):
+    "With no alias before, a failed release deletes the one it created: nothing unchecked is live."
+    env = new_function(aws)
+    failed = deploy("release", "--image-uri", stand_in_image("1"), "--smoke-url", f"http://127.0.0.1:{free_port()}", env=env)
+    assert failed.returncode == 2 and "alias 'live' deleted, as it did not exist before: no version is live" in failed.stderr, failed.stderr
+    assert alias_routing(env) is None
+
+
 def test_a_failed_push_leaves_the_alias_alone(image, aws):
-    before = alias_version(aws)
+    env = new_function(aws)
+    released = deploy("release", "--image-uri", stand_in_image("a"), env=env)
+    assert released.returncode == 0, released.stderr
+    before, versions = alias_routing(env), json.loads(deploy("status", env=env).stdout)["versions"]
+    assert before == (json.loads(released.stdout)["version"], {})
     dead_registry = f"127.0.0.1:{free_port()}"
-    failed = deploy("push", "--image", image.tag, "--tag", "broken", "--registry", dead_registry, "--insecure-registry", env=aws)
+    failed = deploy("push", "--image", image.tag, "--tag", f"broken-{uuid.uuid4().hex[:8]}", "--registry", dead_registry, "--insecure-registry", env=env)
     assert failed.returncode == 2 and "mlops-deploy:" in failed.stderr and dead_registry in failed.stderr
-    assert alias_version(aws) == before
+    assert alias_routing(env) == before and json.loads(deploy("status", env=env).stdout)["versions"] == versions
 
 
 def test_missing_settings_are_named(aws):
@@ -124,5 +194,10 @@ def test_missing_settings_are_named(aws):
                                  "AWS_CONFIG_FILE": "/nonexistent", "AWS_ENDPOINT_URL": "", "AWS_EC2_METADATA_DISABLED": "true"})
     assert proc.returncode == 2 and "no AWS credentials found" in proc.stderr
     no_role = {**aws, "MLOPS_LAMBDA_ROLE_ARN": "", "MLOPS_LAMBDA_FUNCTION": "never-created"}
-    proc = deploy("release", "--image-uri", "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mlops-basics@sha256:" + "0" * 64, env=no_role)
+    proc = deploy("release", "--image-uri", stand_in_image("0"), env=no_role)
     assert proc.returncode == 2 and "set MLOPS_LAMBDA_ROLE_ARN" in proc.stderr
+    # An empty smoke URL is a missing setting, not a request to skip the test; nothing is released.
+    env = new_function(aws)
+    proc = deploy("release", "--image-uri", stand_in_image("0"), "--smoke-url", "", env=env)
+    assert proc.returncode == 2 and "the smoke-test URL is empty" in proc.stderr, proc.stderr
+    assert "ResourceNotFoundException" in deploy("status", env=env).stderr  # no function was created

@@ -1,5 +1,5 @@
 """Static checks of the files CI and AWS run: workflows (actionlint, yamllint), the SAM template (cfn-lint), and agreement between the template and the deploy module."""
-import json
+import re
 import subprocess
 
 import pytest
@@ -37,7 +37,7 @@ def template() -> dict:
 
 
 def test_template_and_deploy_module_agree(template):
-    from mlops_basics.deploy import DEFAULTS, DeployConfig, lifecycle_policy
+    from mlops_basics.deploy import DEFAULTS, DeployConfig
     params = template["Parameters"]
     for key, param in {"repository": "RepositoryName", "function_name": "FunctionName", "alias": "AliasName", "memory_mb": "MemorySize",
                        "timeout_s": "Timeout", "log_retention_days": "LogRetentionDays"}.items():
@@ -46,9 +46,29 @@ def test_template_and_deploy_module_agree(template):
     function = resources["Function"]["Properties"]
     assert function["ImageConfig"]["Command"] == ["lambda"]
     assert function["Environment"]["Variables"] == DeployConfig(region="eu-west-1").environment
-    lifecycle = json.loads(resources["Repository"]["Properties"]["LifecyclePolicy"]["LifecyclePolicyText"])
-    assert lifecycle == lifecycle_policy(DEFAULTS["keep_images"])
-    assert resources["Repository"]["Properties"]["ImageTagMutability"] == "IMMUTABLE"
+    # mlops-deploy owns the repository and moves the alias. A repository in the stack would collide with the one the
+    # first push creates (the function needs an image before the stack can exist), and SAM's AutoPublishAlias would
+    # move `live` back to the template's image on every `sam deploy`.
+    assert [r["Type"] for r in resources.values() if r["Type"] == "AWS::ECR::Repository"] == []
+    assert "AutoPublishAlias" not in function
+    assert resources["LiveAlias"]["Properties"]["Name"] == {"Ref": "AliasName"}
+    assert resources["HttpApi"]["Properties"]["Target"] == {"Ref": "LiveAlias"}
+    assert resources["ApiInvokesAlias"]["Properties"]["FunctionName"] == {"Ref": "LiveAlias"}
+    assert {"FunctionRoleArn", "DeployerPolicyArn", "ApiUrl"} <= set(template["Outputs"])
+
+
+def test_deployer_policy_allows_every_call_mlops_deploy_makes(template):
+    "Every boto3 call in mlops_basics/deploy.py, and the registry calls of a push, are allowed by DeployerPolicy."
+    statements = template["Resources"]["DeployerPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    allowed = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    service = {"ecr": "ecr", "lam": "lambda", "logs": "logs", 'aws["ecr"]': "ecr", 'aws["lambda"]': "lambda", 'aws["logs"]': "logs"}
+    source = (ROOT/"mlops_basics"/"deploy.py").read_text()
+    calls = {f"{service[client]}:{''.join(w.capitalize() for w in (paginated or method).split('_'))}"
+             for client, paginated, method in re.findall(r'(\becr|\blam|\blogs|aws\["\w+"\])\.(?:get_paginator\("(\w+)"\)|(\w+)\()', source)}
+    assert {"ecr:DescribeImages", "lambda:ListVersionsByFunction", "lambda:DeleteAlias", "logs:PutRetentionPolicy"} <= calls  # the scan works
+    push = {"ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage"}
+    assert calls | push <= allowed, sorted((calls | push) - allowed)
+    assert "iam:PassRole" in allowed  # creating the function passes its execution role
 
 
 def test_entrypoint_and_log_subscription_match_the_app(template):
@@ -57,3 +77,18 @@ def test_entrypoint_and_log_subscription_match_the_app(template):
     pattern = template["Resources"]["PredictionLogSubscription"]["Properties"]["FilterPattern"]
     assert pattern == '{ $.event = "predict" }'
     assert '"predict" if request.state.log' in (ROOT/"mlops_basics"/"app.py").read_text()
+
+
+def test_deploy_workflow_refuses_an_unset_smoke_url():
+    "An unset SMOKE_URL variable arrives as an empty string; the workflow stops before building anything, instead of releasing unchecked."
+    import yaml
+    steps = yaml.safe_load((ROOT/".github"/"workflows"/"deploy.yml").read_text())["jobs"]["deploy"]["steps"]
+    names = [s.get("name", s.get("uses")) for s in steps]
+    check = steps[names.index("Check the settings")]
+    release = next(s for s in steps if "mlops-deploy release" in s.get("run", ""))
+    assert names.index("Check the settings") == 0 and '--smoke-url "$SMOKE_URL"' in release["run"]
+    for smoke_url, code in (("", 1), ("https://abc.execute-api.eu-west-1.amazonaws.com", 0)):
+        proc = subprocess.run(["bash", "-e", "-c", check["run"]], env={"AWS_REGION": "eu-west-1", "SMOKE_URL": smoke_url, "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == code, proc.stdout + proc.stderr
+        assert ("variable SMOKE_URL is empty" in proc.stdout) == (code == 1)

@@ -88,6 +88,45 @@ def test_a_slow_canary_is_rolled_back_after_waiting_for_traffic(release):
     assert result.state == AliasState(v1)
 
 
+def test_no_pause_after_the_last_look(release):
+    r, lam, v1, v2 = release
+    pauses = []
+    result = run_canary(r, v2, lambda c, s, w: (VariantMetrics(0, 0), VariantMetrics(0, 0)), CanaryPolicy(max_polls=3),
+                        pause=lambda: pauses.append(1))
+    assert result.outcome == "rolled back" and [h["look"] for h in result.history] == [0, 1, 2, 3]
+    assert len(pauses) == 2  # between the three looks, and none before giving up
+
+
+def test_an_error_while_measuring_rolls_the_canary_back_and_is_raised(release):
+    r, lam, v1, v2 = release
+    def metrics(canary, stable, weight):
+        assert alias(lam, r)["RoutingConfig"]["AdditionalVersionWeights"] == {canary: weight}
+        if weight == 0.5: raise ConnectionError("CloudWatch did not answer")  # the second step, half the traffic on the canary
+        return VariantMetrics(400, 0, 100.0), VariantMetrics(3600, 0, 100.0)
+    with pytest.raises(ConnectionError, match="CloudWatch did not answer"):
+        run_canary(r, v2, metrics, pause=lambda: None)
+    assert alias(lam, r)["FunctionVersion"] == v1 and not (alias(lam, r).get("RoutingConfig") or {}).get("AdditionalVersionWeights")
+
+
+def test_an_interrupted_wait_rolls_the_canary_back(release):
+    r, lam, v1, v2 = release
+    def pause(): raise KeyboardInterrupt  # Ctrl-C, or the CI job cancelled, while waiting for traffic
+    with pytest.raises(KeyboardInterrupt):
+        run_canary(r, v2, lambda c, s, w: (VariantMetrics(10, 0), VariantMetrics(90, 0)), pause=pause)
+    assert r.state() == AliasState(v1) and alias(lam, r)["FunctionVersion"] == v1
+
+
+def test_set_canary_reads_the_alias_once_and_writes_it_once(release):
+    r, lam, v1, v2 = release
+    calls = []
+    def count(event_name, **kwargs): calls.append(event_name.rsplit(".", 1)[-1])
+    lam.meta.events.register("before-call.lambda.*", count)
+    try: state = r.set_canary(v2, 0.25)
+    finally: lam.meta.events.unregister("before-call.lambda.*", count)
+    assert state == AliasState(v1, v2, 0.25) == r.state()
+    assert calls.count("UpdateAlias") == 1 and calls.count("GetAlias") <= 2  # the stable version, and point_alias's own check
+
+
 def test_blue_green_is_a_full_switch_and_back(release):
     r, lam, v1, v2 = release
     assert r.switch(v2) == AliasState(v2)
