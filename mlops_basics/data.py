@@ -10,13 +10,14 @@ import hashlib
 import io
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+
+from .artifacts import atomic_file
 
 # %% auto #0
 __all__ = ['COLA_URL', 'COLA_ZIP_SHA256', 'COLA_ENV_VAR', 'CACHE_ENV_VAR', 'COLA_FILES', 'TRAIN_FILES', 'VALIDATION_FILES',
@@ -87,17 +88,13 @@ def download_cola(url: str = COLA_URL, # where the release zip lives (any URL ur
     if target.exists():
         try: verify_sha256(target, sha256, str(target)); return target
         except ColaDataError: target.unlink()  # a bad cached copy is replaced, never used
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".download-", delete=False) as tmp_file:
+    with atomic_file(target) as staging:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response: shutil.copyfileobj(response, tmp_file)
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(staging, "wb") as f: shutil.copyfileobj(response, f)
         except (urllib.error.URLError, OSError) as e:
-            Path(tmp_file.name).unlink(missing_ok=True)
             raise ColaDataError(f"could not download {url}: {e}. Offline? Set {COLA_ENV_VAR} to a local copy "
                                 "of cola_public_1.1.zip or of its raw/ directory") from e
-    try: verify_sha256(Path(tmp_file.name), sha256, f"download of {url}")
-    except ColaDataError: Path(tmp_file.name).unlink(); raise
-    os.replace(tmp_file.name, target)
+        verify_sha256(staging, sha256, f"download of {url}")
     return target
 
 # %% ../nbs/00a_data.ipynb #bd48f817

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +19,7 @@ import onnxruntime as ort
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .artifacts import ArtifactsError, git_state, make_readable, package_versions, read_metadata, replace_directory
+from .artifacts import ARTIFACTS_FORMAT, ArtifactsError, atomic_directory, git_state, package_versions, read_metadata
 from .data import load_cola, sha256_file
 from .inference import binary_metrics
 from .model import quiet_transformers
@@ -173,9 +171,7 @@ def export_serving(model_dir: str | Path, # the training artifacts directory
                   ) -> dict[str, Any]:
     "Export, optimise, quantise and check the model in `model_dir`; write the serving directory; return its metadata."
     model, tokenizer, trained = load_for_export(model_dir)
-    serving_dir = Path(serving_dir); serving_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = serving_dir.with_name(f".{serving_dir.name}.tmp-{uuid.uuid4().hex[:8]}"); staging.mkdir()
-    try:
+    with atomic_directory(serving_dir) as staging:
         raw = export_onnx(model, tokenizer, staging/"raw.onnx", opset)
         fused = optimize_onnx(raw, staging/SERVING_FILES["fp32"], model.config.num_attention_heads, model.config.hidden_size)
         raw.unlink()
@@ -185,16 +181,16 @@ def export_serving(model_dir: str | Path, # the training artifacts directory
         max_length, splits = int(trained["max_length"]), load_cola(cola_source)
         sentences, labels = [e.sentence for e in splits.validation], [e.label for e in splits.validation]
         reference = validation_logits(torch_predict_batch(model), tokenizer, sentences, max_length)
-        logits = {v: validation_logits(lambda enc, s=make_session(staging/f): onnx_logits(s, enc), tokenizer, sentences, max_length)
-                  for v, f in SERVING_FILES.items()}
+        sessions = {v: make_session(staging/f) for v, f in SERVING_FILES.items()}
+        logits = {v: validation_logits(lambda enc, s=sessions[v]: onnx_logits(s, enc), tokenizer, sentences, max_length) for v in SERVING_FILES}
         comparison = compare_variants(reference, logits, labels)
         int8_vs_fp32 = float((logits["int8"].argmax(1) == logits["fp32"].argmax(1)).mean())
         variants = {v: {"file": f, "sha256": sha256_file(staging/f), "bytes": (staging/f).stat().st_size, **comparison[v]}
                     for v, f in SERVING_FILES.items()}
         variants["int8"] |= {"agreement_with_fp32": int8_vs_fp32,
                              "mcc_change_vs_fp32": comparison["int8"]["metrics"]["mcc"] - comparison["fp32"]["metrics"]["mcc"]}
-        metadata = {"format": 1, "kind": "serving", "labels": trained["labels"], "max_length": max_length,
-                    "vocab_size": int(model.config.vocab_size), "inputs": [i.name for i in make_session(staging/SERVING_FILES["fp32"]).get_inputs()],
+        metadata = {"format": ARTIFACTS_FORMAT, "kind": "serving", "labels": trained["labels"], "max_length": max_length,
+                    "vocab_size": int(model.config.vocab_size), "inputs": [i.name for i in sessions["fp32"].get_inputs()],
                     "opset": opset, "fused_operators": fused, "variants": variants,
                     "default_variant": choose_default_variant(comparison, max_mcc_drop),
                     "pytorch_metrics": comparison["pytorch"]["metrics"], "validation_sentences": len(sentences),
@@ -202,10 +198,7 @@ def export_serving(model_dir: str | Path, # the training artifacts directory
                                "git": trained.get("git"), "created_at": trained.get("created_at"), "training_metrics": trained.get("metrics")},
                     "data_sha256": splits.data_sha256, "git": git_state(), "versions": package_versions()}
         (staging/"metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        make_readable(staging)
-        replace_directory(staging, serving_dir)
-        return metadata
-    finally: shutil.rmtree(staging, ignore_errors=True)
+    return metadata
 
 # %% ../nbs/04a_export.ipynb #d6db9a0b
 def main(argv: Sequence[str] | None = None) -> int:

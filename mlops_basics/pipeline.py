@@ -8,15 +8,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .artifacts import ArtifactsError, make_readable, read_metadata, replace_directory
+from .artifacts import ArtifactsError, atomic_directory, read_metadata
 from .data import (COLA_FILES, COLA_URL, COLA_ZIP_SHA256, ColaDataError, fingerprint_files, load_cola, locate_cola,
                                read_cola_files)
 from .inference import binary_metrics
@@ -36,17 +34,12 @@ def fetch_data(out_dir: str | Path, # the stage's output directory (e.g. data/co
     "Write the verified raw CoLA TSVs into `out_dir`, atomically; returns the provenance record."
     path = locate_cola(source, url=url, sha256=sha256)
     files = read_cola_files(path, verify=True)
-    out_dir = Path(out_dir); out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"); staging.mkdir()
-    try:
+    provenance = {"release": url.rsplit("/", 1)[-1], "url": url, "zip_sha256": sha256, "data_sha256": fingerprint_files(files),
+                  "files": COLA_FILES}
+    with atomic_directory(out_dir) as staging:
         for name, data in files.items(): (staging/name).write_bytes(data)
-        provenance = {"release": url.rsplit("/", 1)[-1], "url": url, "zip_sha256": sha256, "data_sha256": fingerprint_files(files),
-                      "files": COLA_FILES}
         (staging/PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        make_readable(staging)
-        replace_directory(staging, out_dir)
-        return provenance
-    finally: shutil.rmtree(staging, ignore_errors=True)
+    return provenance
 
 # %% ../nbs/03_versioning.ipynb #7f9a3bd6
 def threshold_curves(scores: Sequence[float], # predicted probability of the positive class
@@ -115,13 +108,13 @@ def render_params(overrides: Sequence[str] = (), # Hydra overrides on top of the
     return PARAMS_HEADER + yaml.safe_dump(document, sort_keys=False)
 
 # %% ../nbs/03_versioning.ipynb #b3ee9938
-def metric_gate(diff: dict[str, Any], # the output of `dvc metrics diff --json`
+def metric_gate(diff: dict[str, Any], # the output of `dvc metrics diff --all --json`
                 metric: str = "mcc", # the metric that must not drop
                 tolerance: float = 0.0, # how much it may drop
                ) -> tuple[bool, str]:
     "Whether `metric` did not drop by more than `tolerance`, and a sentence saying why."
     found = [(path, values[metric]) for path, values in diff.items() if isinstance(values, dict) and metric in values]
-    if not found: return False, f"no {metric!r} in the metrics diff: did the evaluate stage run?"
+    if not found: return False, f"no {metric!r} in the metrics diff: did the evaluate stage run, and was the diff made with --all?"
     path, change = found[0]
     old, new = change.get("old"), change.get("new")
     if new is None: return False, f"{path}: {metric} is missing from the new metrics"
@@ -144,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     par = sub.add_parser("params", help="write params.yaml from the packaged training config")
     par.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny_random")
     par.add_argument("--out", default="params.yaml"); par.add_argument("--check", action="store_true", help="exit 1 if the file differs")
-    gate = sub.add_parser("gate", help="exit 0 if a metric did not drop, according to `dvc metrics diff --json` output")
-    gate.add_argument("diff_json", help="file with the output of `dvc metrics diff <base> --json`")
+    gate = sub.add_parser("gate", help="exit 0 if a metric did not drop, according to `dvc metrics diff --all --json` output")
+    gate.add_argument("diff_json", help="file with the output of `dvc metrics diff <base> --all --json`")
     gate.add_argument("--metric", default="mcc"); gate.add_argument("--tolerance", type=float, default=0.0)
     args = parser.parse_args(argv)
     try:

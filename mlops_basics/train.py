@@ -266,7 +266,6 @@ def train(cfg: DictConfig, # a composed training config (see `compose_config`)
     best = find_callback(trainer, ModelCheckpoint, monitor="val_mcc").best_model_path
     if best: load_checkpoint_weights(classifier, best)
     history = find_callback(trainer, MetricsHistory).history
-    datamodule.setup("validate")
     classifier.eval().to("cpu")
     with torch.inference_mode():
         probabilities = torch.cat([classifier(batch).float().softmax(-1) for batch in datamodule.val_dataloader()]).numpy()

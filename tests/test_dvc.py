@@ -1,19 +1,19 @@
-"""The DVC pipeline for real: repro, no-op repro, params that re-run only what depends on them, experiments,
-and push/pull through a local remote and an S3 remote (a moto server), byte for byte."""
+"""The DVC pipeline for real: repro, no-op repro, each stage's code dependencies, params that re-run only what depends on them,
+the retrain gate, experiments, and push/pull through a local remote and an S3 remote (a moto server), byte for byte."""
 import configparser
 import contextlib
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import BIN, ROOT
+from containers import http
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,23 @@ def tree_digest(repo: Path) -> dict[str, str]:
             for out in OUTPUTS for p in sorted((repo/out).rglob("*")) if p.is_file()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+# Put on PYTHONPATH for the first `dvc repro`: every process that imported mlops_basics writes down, at exit, its command line
+# and the mlops_basics modules it loaded, so the test can compare them with the stages' dependencies.
+RECORD_IMPORTS = """import atexit, json, os, sys
+
+def _record():
+    modules = sorted(m for m in sys.modules if m.startswith("mlops_basics."))
+    if modules:
+        with open(os.path.join(os.environ["MLOPS_RECORD_IMPORTS"], f"{os.getpid()}.json"), "w") as f:
+            json.dump({"argv": sys.argv, "modules": modules}, f)
+
+if os.environ.get("MLOPS_RECORD_IMPORTS"): atexit.register(_record)
+"""
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    "A git + DVC repository with this project's pipeline (tiny params), reproduced once."
+    "A git + DVC repository with this project's pipeline (tiny params), reproduced once (recording each stage's imports in ../imports)."
     repo = tmp_path_factory.mktemp("pipeline")/"repo"
     repo.mkdir()
     for name in (".dvcignore", ".gitignore"): shutil.copy(ROOT/name, repo/name)
@@ -59,7 +68,11 @@ def repo(tmp_path_factory) -> Path:
     sh("dvc", "remote", "add", "-d", "local", repo.parent/"remote", cwd=repo)
     sh("mlops-pipeline", "params", *TINY, cwd=repo)
     sh("git", "add", "-A", cwd=repo); sh("git", "commit", "-qm", "pipeline", cwd=repo)
-    sh("dvc", "repro", cwd=repo)
+    hook, records = repo.parent/"hook", repo.parent/"imports"
+    hook.mkdir(); records.mkdir()
+    (hook/"sitecustomize.py").write_text(RECORD_IMPORTS)
+    python_path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    sh("dvc", "repro", cwd=repo, env={"PYTHONPATH": python_path, "MLOPS_RECORD_IMPORTS": str(records)})
     sh("git", "add", "-A", cwd=repo); sh("git", "commit", "-qm", "first run", cwd=repo)
     return repo
 
@@ -72,7 +85,7 @@ def test_repro_runs_every_stage(repo):
     metrics = json.loads((repo/"reports"/"metrics.json").read_text())
     assert metrics["sentences"] == 1043 and -1 <= metrics["mcc"] <= 1
     shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
-    assert shown  # DVC reads the metrics file declared in dvc.yaml
+    assert shown[""]["data"]["reports/metrics.json"]["data"]["mcc"] == metrics["mcc"]  # DVC reads the metrics file declared in dvc.yaml
     plots = sh("dvc", "plots", "show", "--json", cwd=repo).stdout
     for name in ("confusion.csv", "precision_recall.csv", "roc.csv", "epochs.csv"): assert name in plots
 
@@ -83,6 +96,40 @@ def test_second_repro_does_nothing(repo):
     assert "Data and pipelines are up to date." in out
     assert "Running stage" not in out
     assert ((repo/"dvc.lock").read_text(), tree_digest(repo)) == before
+
+
+def test_each_stage_depends_on_the_code_it_runs(repo):
+    "dvc.yaml lists, for every stage, exactly the mlops_basics modules its command imported in the first repro."
+    stages = yaml.safe_load((repo/"dvc.yaml").read_text())["stages"]
+    runs = [json.loads(p.read_text()) for p in (repo.parent/"imports").glob("*.json")]
+    for name, stage in stages.items():
+        command = stage["cmd"].split()
+        ran = [r for r in runs if Path(r["argv"][0]).name == command[0] and r["argv"][1:] == command[1:]]
+        assert len(ran) == 1, (name, [r["argv"] for r in runs])
+        imported = {f"mlops_basics/{m.removeprefix('mlops_basics.')}.py" for m in ran[0]["modules"]}
+        declared = {d for d in stage["deps"] if d.startswith("mlops_basics/")}
+        assert declared == imported, f"stage {name}: dvc.yaml lists {sorted(declared)}, its command imported {sorted(imported)}"
+
+
+def test_retrain_gate_passes_a_tie_and_stops_a_drop(repo, tmp_path):
+    "The gate step of the retrain workflow, run as written: main's MCC exactly opens the pull request, a lower MCC does not."
+    steps = yaml.safe_load((ROOT/".github"/"workflows"/"retrain.yml").read_text())["jobs"]["retrain"]["steps"]
+    script = next(step["run"] for step in steps if step.get("id") == "gate").replace(".venv/bin/", f"{BIN}/")
+
+    def gate() -> str:
+        "Run the step as GitHub Actions would; return what it wrote to $GITHUB_OUTPUT."
+        output = tmp_path/"github_output"; output.write_text("")
+        sh("bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script, cwd=repo, env={"GITHUB_OUTPUT": str(output)})
+        return output.read_text()
+
+    metrics_file = repo/"reports"/"metrics.json"
+    try:
+        assert gate() == "open_pr=true\n"  # the workspace is main's commit: the same MCC, which is no drop
+        metrics = json.loads(metrics_file.read_text()); metrics["mcc"] -= 0.1
+        metrics_file.write_text(json.dumps(metrics))
+        assert gate() == ""
+    finally:
+        sh("git", "checkout", "--", "reports/metrics.json", cwd=repo); (repo/"metrics-diff.json").unlink(missing_ok=True)
 
 
 def test_a_param_reruns_only_what_depends_on_it(repo):
@@ -121,25 +168,15 @@ def test_push_and_pull_through_the_local_remote(repo):
 
 
 @contextlib.contextmanager
-def moto(env: dict | None = None):
-    "A moto server on 127.0.0.1 standing in for S3; yields its endpoint URL."
-    port = free_port()
-    proc = subprocess.Popen([str(BIN/"moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try: socket.create_connection(("127.0.0.1", port), timeout=1).close(); break
-            except OSError: time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate(); proc.wait(timeout=30)
-
-
-@pytest.fixture()
-def moto_s3():
-    with moto() as url: yield url
+def checking_credentials(moto_url: str):
+    "Make the moto server check credentials, as S3 does, until the block ends."
+    def reset_auth(count: str) -> dict:  # the number of requests moto lets through before it checks ("inf": never)
+        status, _, body = http("POST", f"{moto_url}/moto-api/reset-auth", count.encode(), {"Content-Type": "text/plain"})
+        assert status == 200, body
+        return json.loads(body)
+    previous = reset_auth("0")["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+    try: yield
+    finally: reset_auth(previous)
 
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -151,13 +188,13 @@ def committed_s3_remote() -> str:
     return config['\'remote "s3"\'']["url"]
 
 
-def test_push_and_pull_through_s3(repo, moto_s3):
+def test_push_and_pull_through_s3(repo, moto_server):
     "The project's `s3` remote as configured, with the endpoint and credentials taken from the environment (here: moto)."
     url = committed_s3_remote()
     bucket, prefix = url.removeprefix("s3://").split("/", 1)
-    env = {**AWS, "AWS_ENDPOINT_URL": moto_s3}
+    env = {**AWS, "AWS_ENDPOINT_URL": moto_server}
     import boto3
-    s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
     s3.create_bucket(Bucket=bucket)
     sh("dvc", "remote", "add", "-f", "s3", url, cwd=repo)
     expected = tree_digest(repo)
@@ -168,12 +205,12 @@ def test_push_and_pull_through_s3(repo, moto_s3):
     assert tree_digest(repo) == expected
 
 
-def test_failed_pulls_are_clear_and_leave_the_workspace_alone(repo, moto_s3):
+def test_failed_pulls_are_clear_and_leave_the_workspace_alone(repo, moto_server):
     before = tree_digest(repo)
     missing = sh("dvc", "pull", "-r", "nowhere", cwd=repo, check=False)
     assert missing.returncode != 0 and "nowhere" in (missing.stderr + missing.stdout)
     sh("dvc", "remote", "add", "-f", "s3", "s3://no-such-bucket/dvc", cwd=repo)
-    sh("dvc", "remote", "modify", "--local", "s3", "endpointurl", moto_s3, cwd=repo)
+    sh("dvc", "remote", "modify", "--local", "s3", "endpointurl", moto_server, cwd=repo)
     shutil.rmtree(repo/".dvc"/"cache", ignore_errors=True); shutil.rmtree(repo/"artifacts"/"serving")
     failed = sh("dvc", "pull", "-r", "s3", cwd=repo, env=AWS, check=False)
     assert failed.returncode != 0
@@ -185,11 +222,11 @@ def test_failed_pulls_are_clear_and_leave_the_workspace_alone(repo, moto_s3):
     assert tree_digest(repo) == before
 
 
-def test_bad_credentials_are_reported_and_harmless(repo):
+def test_bad_credentials_are_reported_and_harmless(repo, moto_server):
     "A moto server that checks credentials (as S3 does) refuses ours: DVC says so, and the workspace is untouched."
-    with moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as url:
+    with checking_credentials(moto_server):
         sh("dvc", "remote", "add", "-f", "s3", "s3://mlops-basics-test/dvc", cwd=repo)
-        sh("dvc", "remote", "modify", "--local", "s3", "endpointurl", url, cwd=repo)
+        sh("dvc", "remote", "modify", "--local", "s3", "endpointurl", moto_server, cwd=repo)
         before = tree_digest(repo)
         pushed = sh("dvc", "push", "-r", "s3", cwd=repo, env={**AWS, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1"}, check=False)
         assert pushed.returncode != 0

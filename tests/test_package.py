@@ -2,7 +2,6 @@
 import configparser
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, run_cli
+from containers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -73,13 +73,8 @@ def test_mlops_train_help():
     assert proc.returncode == 0 and "model: bert_tiny, minilm, tiny_random" in proc.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
 def test_jupyter_lab_serves_the_notebooks(tmp_path):
-    port, token = _free_port(), "mlops-basics-test"
+    port, token = free_port(), "mlops-basics-test"
     lab = subprocess.Popen([str(BIN/"jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
                             f"--ServerApp.root_dir={ROOT/'nbs'}", "--ServerApp.open_browser=False",
                             *(["--allow-root"] if os.geteuid() == 0 else [])],

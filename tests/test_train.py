@@ -1,5 +1,6 @@
 """`mlops-train` from outside the repository: artifacts, errors, W&B offline, resume after a kill, DDP."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -100,12 +101,17 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
-    proc = run_cli("mlops-train", *TINY_TRAIN, "trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=6",
+    "Two processes share each epoch: a fraction of an epoch is a fraction of half the batches, and rank 1 logs its own start."
+    proc = run_cli("mlops-train", *TINY_TRAIN, "trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=0.05",
                    f"paths.root={tmp_path}", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     meta = read_metadata(tmp_path/"model")
     assert meta["config"]["trainer"]["devices"] == 2 and meta["config"]["trainer"]["strategy"] == "ddp"
-    assert meta["history"][0]["step"] == 6  # each process ran 6 batches: one optimizer step each, synchronised
+    batch_size = meta["config"]["data"]["batch_size"]
+    one_process, per_rank = math.ceil(8551 / batch_size), math.ceil(math.ceil(8551 / 2) / batch_size)  # CoLA's 8551 training sentences
+    assert int(0.05 * one_process) != int(0.05 * per_rank)  # 13 and 6 batches at batch size 32: the step count tells them apart
+    assert meta["history"][0]["step"] == int(0.05 * per_rank)  # each rank stepped through its half, gradients averaged each step
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
