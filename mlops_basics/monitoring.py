@@ -16,14 +16,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .artifacts import ArtifactsError, atomic_file
 from .inference import binary_metrics
+
+if TYPE_CHECKING: import pandas as pd  # annotations only: the drift check imports pandas when it runs
 
 # %% auto #0
 __all__ = ['EVENTS', 'ROW_FIELDS', 'INDEX_PREFIX', 'INDEX_PATTERN_ID', 'PROMQL', 'DRIFT_CHECKS', 'MIN_FEEDBACK', 'UNKNOWN_TOKEN',
@@ -31,7 +33,7 @@ __all__ = ['EVENTS', 'ROW_FIELDS', 'INDEX_PREFIX', 'INDEX_PATTERN_ID', 'PROMQL',
            'to_documents', 'index_template', 'BulkError', 'bulk_body', 'BulkIndexer', 'ShipStats', 'ship',
            'write_jsonl', 'read_jsonl', 'kibana_saved_objects', 'saved_objects_ndjson', 'check_saved_objects', 'promql',
            'profile_sentences', 'reference_rows', 'drift_report', 'concept_check', 'corrupt', 'ship_main',
-           'monitor_main', 'write_text']
+           'monitor_main']
 
 # %% ../nbs/09_monitoring.ipynb #5c6d9967
 EVENTS = ("predict", "request")  # the `event` values of the app's request log
@@ -109,6 +111,7 @@ def index_name(timestamp: str, # an ISO 8601 timestamp from a log line
 
 def to_documents(record: dict[str, Any], # a request record from `parse_log_line`
                  prefix: str = INDEX_PREFIX, # the index name's prefix
+                 rows: list[dict[str, Any]] | None = None, # the record's `prediction_rows`, when the caller has them already
                 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     "(bulk action, document) pairs for one request record: the request, and each of its predictions."
     key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
@@ -118,7 +121,7 @@ def to_documents(record: dict[str, Any], # a request record from `parse_log_line
     request = {**common, "doc_type": "request", **{k: record[k] for k in ("event", "method", "path", "latency_ms", "variant", "assigned", "n") if k in record},
                "status": status, "error": int(status >= 500), "client_error": int(400 <= status < 500)}
     pairs = [({"index": {"_index": index, "_id": key}}, request)]
-    for row in prediction_rows([record]):
+    for row in prediction_rows([record]) if rows is None else rows:
         doc = {**common, "doc_type": "prediction", **{k: row[k] for k in ("index", "label", "score", "p_acceptable", "chars", "tokens", "unknown", "oov_rate", "text") if k in row},
                "latency_ms": record.get("latency_ms")}
         pairs.append(({"index": {"_index": index, "_id": f"{key}-{row['index']}"}}, doc))
@@ -164,14 +167,14 @@ class BulkIndexer:
         if api_key: self.headers["Authorization"] = f"ApiKey {api_key}"
         self.batch_docs, self.retries, self.backoff_s, self.timeout_s = batch_docs, retries, backoff_s, timeout_s
         self.pending: list[tuple[dict, dict]] = []
-        self.indexed, self.requests, self.failures = 0, 0, []
+        self.indexed, self.batches, self.resent, self.failures = 0, 0, 0, []
 
     def _post(self, path: str, body: bytes, content_type: str | None = None, method: str = "POST") -> dict[str, Any]:
         "One HTTP request, retried while the cluster says it is busy."
         headers = {**self.headers, **({"Content-Type": content_type} if content_type else {})}
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
-            self.requests += 1
+            if attempt: self.resent += 1
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response: return json.loads(response.read() or b"{}")
             except urllib.error.HTTPError as e:
@@ -197,8 +200,10 @@ class BulkIndexer:
     def flush(self) -> None:
         "Send what is queued; items refused as busy are sent again, other refusals are kept in `failures`."
         batch, self.pending = self.pending, []
+        if batch: self.batches += 1
         for attempt in range(self.retries + 1):
             if not batch: return
+            if attempt: self.resent += 1
             answer = self._post("/_bulk", bulk_body(batch))
             if not answer.get("errors"):
                 self.indexed += len(batch); return
@@ -212,14 +217,14 @@ class BulkIndexer:
             if batch: time.sleep(self.backoff_s * 2**attempt)
 
     def close(self) -> dict[str, Any]:
-        "Flush, then raise `BulkError` naming the first refusal, if any; else the counts."
+        "Flush, then raise `BulkError` naming the first refusal, if any; else the counts: documents indexed, batches sent, requests sent again."
         self.flush()
         if self.failures:
             first = self.failures[0]
             reason = first["error"].get("reason") if isinstance(first["error"], dict) else first["error"]
             raise BulkError(f"{len(self.failures)} of {self.indexed + len(self.failures)} documents were refused; "
                             f"the first ({first['_id']}) with {first['status']}: {reason}")
-        return {"indexed": self.indexed, "requests": self.requests}
+        return {"indexed": self.indexed, "bulk_requests": self.batches, "resent": self.resent}
 
 # %% ../nbs/09_monitoring.ipynb #56e22f90
 @dataclass
@@ -229,7 +234,8 @@ class ShipStats:
     records: int = 0  # request records among them
     predictions: int = 0  # predicted sentences in those records
     indexed: int = 0  # documents Elasticsearch accepted
-    bulk_requests: int = 0  # HTTP requests to _bulk
+    bulk_requests: int = 0  # batches sent to _bulk, each counted once however often it was sent
+    resent: int = 0  # requests sent again because the cluster was busy (429/503): a whole request, or a batch's busy items
 
 def ship(lines: Iterable[str], # log lines from a file, stdin or CloudWatch
          indexer: BulkIndexer | None = None, # where to index them; None: no indexing
@@ -244,24 +250,19 @@ def ship(lines: Iterable[str], # log lines from a file, stdin or CloudWatch
         stats.records += 1
         new_rows = prediction_rows([record]); rows += new_rows; stats.predictions += len(new_rows)
         if indexer is not None:
-            for action, doc in to_documents(record, prefix): indexer.add(action, doc)
+            for action, doc in to_documents(record, prefix, new_rows): indexer.add(action, doc)
     if indexer is not None:
         counts = indexer.close()
-        stats.indexed, stats.bulk_requests = counts["indexed"], counts["requests"]
+        stats.indexed, stats.bulk_requests, stats.resent = counts["indexed"], counts["bulk_requests"], counts["resent"]
     return stats, rows
 
 def write_jsonl(rows: Iterable[dict[str, Any]], # JSON-able rows
                 path: str | Path, # the file to (re)write
                ) -> Path:
     "Write `rows` as JSON lines, atomically (a staging file, then a rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(staging, "w", encoding="utf-8") as f:
-            for row in rows: f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(staging, path)
-    finally: staging.unlink(missing_ok=True)
-    return path
+    with atomic_file(path) as staging, open(staging, "w", encoding="utf-8") as f:
+        for row in rows: f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)
 
 def read_jsonl(path: str | Path, # a JSON-lines file
               ) -> list[dict[str, Any]]:
@@ -374,11 +375,12 @@ def promql(name: str, # a key of `PROMQL`
 
 # %% ../nbs/09_monitoring.ipynb #1e826c5b
 def profile_sentences(sentences: Sequence[str], # the sentences
-                      predictor, # an `ONNXPredictor` (anything with `predict` and `token_stats`)
+                      predictor, # an `ONNXPredictor` (anything with `predict_with_stats`)
                      ) -> list[dict[str, Any]]:
     "Rows like `prediction_rows`' (with the text) for `sentences`, predicted by `predictor`."
     rows = []
-    for p, s, (tokens, unknown) in zip(predictor.predict(list(sentences)), sentences, predictor.token_stats(list(sentences))):
+    predictions, stats = predictor.predict_with_stats(list(sentences))
+    for p, s, (tokens, unknown) in zip(predictions, sentences, stats):
         rows.append({"label": p.label, "score": round(p.score, 6), "p_acceptable": round(p.probabilities.get("acceptable", p.score), 6),
                      "chars": len(s), "tokens": tokens, "unknown": unknown, "oov_rate": unknown / max(1, tokens), "text": s})
     return rows
@@ -407,12 +409,11 @@ MIN_FEEDBACK = 30  # labelled sentences the concept-drift check needs
 UNKNOWN_TOKEN = "[UNK]"  # followed on its own, whatever its rank
 TOP_TOKENS = 50  # tokens of the reference's vocabulary the token check follows one by one
 
-def _token_rows(rows: Sequence[dict[str, Any]], tokenize: Callable[[str], list[str]], keep: set[str] | None) -> list[str]:
-    "Every token of the rows' texts, the ones outside `keep` as '[other]'."
-    tokens = [t for r in rows for t in tokenize(r["text"])]
-    return tokens if keep is None else [t if t in keep else "[other]" for t in tokens]
+def _tokens(rows: Sequence[dict[str, Any]], tokenize: Callable[[str], list[str]]) -> list[str]:
+    "Every token of the rows' texts."
+    return [t for r in rows for t in tokenize(r["text"])]
 
-def _value_drift(reference: "pd.DataFrame", current: "pd.DataFrame", checks: dict[str, tuple]) -> tuple[Any, dict[str, float]]:
+def _value_drift(reference: pd.DataFrame, current: pd.DataFrame, checks: dict[str, tuple]) -> tuple[Any, dict[str, float]]:
     "Run Evidently's ValueDrift for `checks` on two frames; the snapshot and each check's score."
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
@@ -461,11 +462,11 @@ def drift_report(reference: Sequence[dict[str, Any]], # rows from `reference_row
         checks["input.token_distribution"] = {"kind": kind, "column": column, "method": method, "threshold": threshold, "status": "skipped",
                                               "reason": "no tokenizer given" if tokenize is None else "the window has no sentences: the app logs them only with MLOPS_LOG_TEXT on"}
     else:
-        reference_tokens = _token_rows(reference, tokenize, None)
+        reference_tokens, window_tokens = _tokens(reference, tokenize), _tokens(with_text, tokenize)
         values, counts = np.unique(reference_tokens, return_counts=True)
         keep = set(values[np.argsort(-counts, kind="stable")[:TOP_TOKENS]]) | {UNKNOWN_TOKEN}
-        token_snapshot, token_scores = _value_drift(pd.DataFrame({"token": _token_rows(reference, tokenize, keep)}),
-                                                    pd.DataFrame({"token": _token_rows(with_text, tokenize, keep)}),
+        def bucketed(tokens): return pd.DataFrame({"token": [t if t in keep else "[other]" for t in tokens]})
+        token_snapshot, token_scores = _value_drift(bucketed(reference_tokens), bucketed(window_tokens),
                                                     {"input.token_distribution": DRIFT_CHECKS["input.token_distribution"]})
         score = token_scores["input.token_distribution"]
         checks["input.token_distribution"] = {"kind": kind, "column": column, "method": method, "threshold": threshold, "score": round(score, 6),
@@ -482,19 +483,12 @@ def drift_report(reference: Sequence[dict[str, Any]], # rows from `reference_row
                "failed": [n for n, c in checks.items() if c["status"] == "fail"],
                "versions": {"evidently": evidently.__version__, "pandas": pd.__version__, "mlops-basics": __version__}}
     if out_dir is not None:
-        out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-        _save_html(snapshot, out_dir/"drift_report.html")
-        if token_snapshot is not None: _save_html(token_snapshot, out_dir/"token_drift_report.html")
-        summary["html"] = ["drift_report.html"] + (["token_drift_report.html"] if token_snapshot is not None else [])
-        staging = out_dir/f".drift_summary.json.tmp-{uuid.uuid4().hex[:8]}"
-        staging.write_text(json.dumps(summary, indent=2) + "\n"); os.replace(staging, out_dir/"drift_summary.json")
+        html = {"drift_report.html": snapshot, "token_drift_report.html": token_snapshot}
+        summary["html"] = [name for name, s in html.items() if s is not None]
+        for name in summary["html"]:
+            with atomic_file(Path(out_dir)/name) as staging: html[name].save_html(str(staging))
+        with atomic_file(Path(out_dir)/"drift_summary.json") as staging: staging.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-def _save_html(snapshot, path: Path) -> None:
-    "Write an Evidently snapshot's HTML report atomically."
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try: snapshot.save_html(str(staging)); os.replace(staging, path)
-    finally: staging.unlink(missing_ok=True)
 
 def concept_check(window: Sequence[dict[str, Any]], # production rows with request_id and index
                   feedback: Sequence[dict[str, Any]] | None, # labelled rows {"request_id", "index", "label"} (label: name or 0/1)
@@ -563,11 +557,11 @@ def ship_main(argv: list[str] | None = None) -> int:
         indexer = BulkIndexer(args.es_url, args.batch, api_key=os.environ.get("MLOPS_ES_API_KEY")) if args.es_url else None
         if indexer and args.install_template: indexer.put_template(args.index_prefix, index_template(args.index_prefix))
         stats, rows = ship(lines, indexer, args.index_prefix)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"mlops-ship: {e}", file=sys.stderr); return 2
+        if args.window: write_jsonl(rows, args.window)
     except BulkError as e:
         print(f"mlops-ship: {e}", file=sys.stderr); return 1
-    if args.window: write_jsonl(rows, args.window)
+    except (OSError, ValueError) as e:
+        print(f"mlops-ship: {e}", file=sys.stderr); return 2
     print(json.dumps(asdict(stats)))
     return 0
 
@@ -586,11 +580,11 @@ def monitor_main(argv: list[str] | None = None) -> int:
     kibana.add_argument("--out", required=True); kibana.add_argument("--template", help="also write the index template here")
     kibana.add_argument("--index-prefix", default=INDEX_PREFIX)
     args = parser.parse_args(argv)
-    from mlops_basics.artifacts import ArtifactsError
     try:
         if args.command == "kibana":
-            write_text(Path(args.out), saved_objects_ndjson(kibana_saved_objects(f"{args.index_prefix}-*")))
-            if args.template: write_text(Path(args.template), json.dumps(index_template(args.index_prefix), indent=2) + "\n")
+            with atomic_file(args.out) as staging: staging.write_text(saved_objects_ndjson(kibana_saved_objects(f"{args.index_prefix}-*")))
+            if args.template:
+                with atomic_file(args.template) as staging: staging.write_text(json.dumps(index_template(args.index_prefix), indent=2) + "\n")
             return 0
         from mlops_basics.predictor import ONNXPredictor
         predictor = ONNXPredictor(args.serving_dir, args.variant)
@@ -601,18 +595,9 @@ def monitor_main(argv: list[str] | None = None) -> int:
         summary = drift_report(read_jsonl(args.reference), read_jsonl(args.window), args.out, pieces,
                                read_jsonl(args.feedback) if args.feedback else None,
                                predictor.metadata["variants"][predictor.variant]["metrics"]["mcc"], args.mcc_tolerance)
-    except (FileNotFoundError, ValueError, ArtifactsError) as e:
+    except (OSError, ValueError, ArtifactsError) as e:
         print(f"mlops-monitor: {e}", file=sys.stderr); return 2
     for name, check in summary["checks"].items():
         print(f"{check['status']:>7}  {name:<26} {'' if check.get('score') is None else format(check['score'], '.4f')}  {check.get('reason', '')}")
     print(f"{'drift detected' if summary['failed'] else 'no drift'} -> {args.out}/drift_summary.json")
     return 1 if summary["failed"] else 0
-
-def write_text(path: Path, # the file to (re)write
-               text: str, # its content
-              ) -> Path:
-    "Write `text` atomically."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.write_text(text); os.replace(staging, path)
-    return path

@@ -3,6 +3,7 @@ indexes them with the _bulk API (a local server that records the requests and an
 drift checks pass on in-domain traffic and fail on shifted traffic. Elasticsearch and Kibana themselves cannot run here."""
 import base64
 import json
+import math
 import os
 import re
 import subprocess
@@ -158,6 +159,8 @@ def test_bulk_indexing_sends_valid_ndjson(app_log, bulk_server):
     n_docs = len(lines) + sum(l.get("n", 0) for l in lines if l["event"] == "predict")
     assert stats["indexed"] == n_docs
     template, *bulks = RecordingBulk.requests
+    # bulk_requests counts the batches sent to _bulk: not the template PUT, and nothing was sent twice.
+    assert stats["bulk_requests"] == len(bulks) == math.ceil(n_docs / 5) and stats["resent"] == 0
     assert (template["method"], template["path"]) == ("PUT", "/_index_template/mlops-requests")
     assert json.loads(template["body"])["index_patterns"] == ["mlops-requests-*"]
     expected_auth = "Basic " + base64.b64encode(b"elastic:s=cret").decode()
@@ -191,12 +194,45 @@ def test_bulk_retries_when_busy_and_reports_refused_documents(app_log, bulk_serv
     RecordingBulk.busy[0] = 2
     proc = run_cli("mlops-ship", app_log, "--es-url", f"http://{bulk_server}")
     assert proc.returncode == 0, proc.stderr
-    assert [r["path"] for r in RecordingBulk.requests][:3] == ["/_bulk"] * 3  # two 429s, then accepted
+    assert [r["path"] for r in RecordingBulk.requests] == ["/_bulk"] * 3  # two 429s, then accepted
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (stats["bulk_requests"], stats["resent"]) == (1, 2)  # one batch (fewer than 500 documents), sent twice more
     RecordingBulk.requests.clear(); RecordingBulk.reject.add(SENTENCES[1])
     proc = run_cli("mlops-ship", app_log, "--es-url", f"http://{bulk_server}")
     assert proc.returncode == 1 and "were refused" in proc.stderr and "failed to parse field [text]" in proc.stderr, proc.stderr
     unreachable = run_cli("mlops-ship", app_log, "--es-url", f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 1 and "could not reach" in unreachable.stderr
+
+
+def test_ship_makes_the_prediction_rows_of_each_record_once(app_log, bulk_server, monkeypatch):
+    "The rows `ship` returns are the ones it indexes: `prediction_rows` runs once per record, not again in `to_documents`."
+    from mlops_basics import monitoring
+    calls = []
+    def counted(records):
+        records = list(records); calls.append(len(records))
+        return original(records)
+    original = monitoring.prediction_rows
+    monkeypatch.setattr(monitoring, "prediction_rows", counted)
+    stats, rows = monitoring.ship(monitoring.read_log_lines(app_log), monitoring.BulkIndexer(f"http://{bulk_server}"))
+    assert calls == [1] * stats.records and stats.records == len(our_lines(app_log))
+    indexed = [json.loads(l) for r in RecordingBulk.requests for l in r["body"].decode().splitlines()[1::2]]
+    assert [(d["request_id"], d["index"]) for d in indexed if d["doc_type"] == "prediction"] == [(r["request_id"], r["index"]) for r in rows]
+    assert stats.indexed == len(indexed) == stats.records + len(rows)
+
+
+def test_writers_leave_nothing_half_written(tmp_path):
+    "A failed write (the target is a directory, a row is not JSON) keeps the old file and leaves no staging file."
+    from mlops_basics.monitoring import read_jsonl, write_jsonl
+    window = write_jsonl([{"a": 1}], tmp_path/"window.jsonl")
+    with pytest.raises(TypeError): write_jsonl([{"a": 2}, {"a": object()}], window)
+    assert read_jsonl(window) == [{"a": 1}]
+    (tmp_path/"taken").mkdir(); (tmp_path/"taken"/"keep.txt").write_text("")
+    with pytest.raises(IsADirectoryError): write_jsonl([{"a": 3}], tmp_path/"taken")
+    proc = run_cli("mlops-monitor", "kibana", "--out", tmp_path/"taken")
+    assert proc.returncode == 2 and "Is a directory" in proc.stderr, proc.stderr
+    proc = run_cli("mlops-ship", ROOT/"README.md", "--window", tmp_path/"taken")
+    assert proc.returncode == 2 and "Is a directory" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "window.jsonl"]
 
 
 def test_kibana_export_and_index_template_are_current_and_consistent(tmp_path):
@@ -283,6 +319,22 @@ def test_prediction_drift_and_concept_drift(serving_dir, reference, tmp_path):
     assert {k: disagree["checks"]["concept.mcc"][k] for k in ("score", "accuracy", "status")} == {"score": -1.0, "accuracy": 0.0, "status": "fail"}
     assert "concept.mcc" in disagree["failed"] and "concept.mcc" not in agree["failed"]
     assert few["checks"]["concept.mcc"]["status"] == "skipped" and "30 needed" in few["checks"]["concept.mcc"]["reason"]
+
+
+def test_drift_report_tokenizes_each_sentence_once_and_writes_atomically(reference, tmp_path):
+    from mlops_basics.monitoring import drift_report, read_jsonl
+    rows = read_jsonl(reference)
+    window = [{**r, "request_id": f"r{i}", "index": 0} for i, r in enumerate(rows[:60])]
+    seen = []
+    def tokenize(text): seen.append(text); return text.lower().split()
+    summary = drift_report(rows, window, tmp_path/"ok", tokenize)
+    assert sorted(seen) == sorted(r["text"] for r in [*rows, *window])  # the reference once, the window once
+    assert summary["checks"]["input.token_distribution"]["sentences"] == len(window)
+    assert sorted(p.name for p in (tmp_path/"ok").iterdir()) == ["drift_report.html", "drift_summary.json", "token_drift_report.html"]
+    assert json.loads((tmp_path/"ok"/"drift_summary.json").read_text())["html"] == ["drift_report.html", "token_drift_report.html"]
+    (tmp_path/"taken"/"drift_summary.json").mkdir(parents=True)  # the summary cannot be written
+    with pytest.raises(IsADirectoryError): drift_report(rows, window, tmp_path/"taken", tokenize)
+    assert not [p.name for p in (tmp_path/"taken").iterdir() if p.name.startswith(".")]  # no staging file left
 
 
 def test_monitoring_and_shipper_never_import_torch(serving_dir, reference, app_log, tmp_path):
