@@ -73,13 +73,16 @@ def make_readable(directory: Path, # directory to fix, recursively
         path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
 
 # %% ../nbs/00b_artifacts.ipynb #254b328e
+def _staging_path(target: Path) -> Path:
+    "A hidden, unique sibling of `target` (same file system, so the final rename is atomic); creates the parent."
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    return Path(target).with_name(f".{Path(target).name}.tmp-{uuid.uuid4().hex[:8]}")
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path, # the directory to (re)write
                     ) -> Iterator[Path]:
     "Yield an empty staging directory; on success it becomes `target` (made readable), on failure it is removed."
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = _staging_path(target)
     staging.mkdir()
     try:
         yield staging
@@ -91,9 +94,7 @@ def atomic_directory(target: str | Path, # the directory to (re)write
 def atomic_file(target: str | Path, # the file to (re)write
                ) -> Iterator[Path]:
     "Yield a staging path next to `target`; on success it replaces `target`, on failure it is removed."
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = _staging_path(target)
     try:
         yield staging
         os.replace(staging, target)
