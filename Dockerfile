@@ -25,7 +25,9 @@ LABEL org.opencontainers.image.title="mlops-basics" \
       org.opencontainers.image.description="A CoLA grammar classifier served by FastAPI or AWS Lambda on ONNX Runtime" \
       org.opencontainers.image.licenses="Apache-2.0"
 # ORT_DISABLE_TELEMETRY: ONNX Runtime's telemetry off (no uploads, no device-id file; it could not write one anyway).
+# AWS_LAMBDA_LOG_FORMAT=JSON: the Lambda runtime client's own lines are JSON, like the app's (Lambda sets it from LoggingConfig).
 ENV PATH=/opt/venv/bin:$PATH \
+    AWS_LAMBDA_LOG_FORMAT=JSON \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     ORT_DISABLE_TELEMETRY=1 \

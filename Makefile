@@ -40,7 +40,9 @@ run: install
 system-packages:
 	@if [ "$$(id -u)" = 0 ]; then .ci/system-packages; else echo "not root: run 'sudo .ci/system-packages' if podman, wrk, ... are missing"; fi
 
-test: install system-packages
+# SYSTEM_PACKAGES= (empty) skips that step: .ci/run installs the Debian packages once, before everything else.
+SYSTEM_PACKAGES ?= system-packages
+test: install $(SYSTEM_PACKAGES)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest
 
 test-fast: install

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'MULTIPROC_ENV', 'LATENCY_BUCKETS', 'REQUEST_LOGGER', 'INDEX_HTML', 'parse_models', 'parse_split',
            'sticky_assignment', 'ServeSettings', 'request_model', 'LabelPrediction', 'PredictResponse',
-           'ServingMetrics', 'configure_request_logging', 'log_request', 'too_large', 'RequestLimits', 'model_details',
-           'load_predictors', 'create_app', 'app_from_env', 'main']
+           'ServingMetrics', 'configure_request_logging', 'log_request', 'JSONLogFormatter', 'server_log_config',
+           'too_large', 'RequestLimits', 'model_details', 'load_predictors', 'create_app', 'app_from_env', 'main']
 
 # %% ../nbs/05_serving.ipynb #ff945f6c
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and the request
@@ -226,6 +226,25 @@ def log_request(record: dict[str, Any]) -> None:
     logging.getLogger(REQUEST_LOGGER).info(json.dumps({"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), **record},
                                                       separators=(",", ":"), ensure_ascii=False))
 
+# %% ../nbs/05_serving.ipynb #fc4b94d9
+class JSONLogFormatter(logging.Formatter):
+    "A log record as one JSON line: timestamp, `event: server`, level, logger, message, and the traceback if there is one."
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"timestamp": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+                 "event": "server", "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info: entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
+
+def server_log_config(level: str = "info", # the least severe level uvicorn logs
+                     ) -> dict[str, Any]:
+    "A `logging.config.dictConfig` for uvicorn: its loggers and the root logger's warnings as JSON lines on stderr."
+    return {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"json": {"()": JSONLogFormatter}},
+            "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+            "loggers": {name: {"handlers": ["json"], "level": level.upper(), "propagate": False} for name in ("uvicorn", "uvicorn.access")},
+            "root": {"handlers": ["json"], "level": "WARNING"}}
+
+
 # %% ../nbs/05_serving.ipynb #7496732c
 def too_large(max_body_bytes: int) -> str:
     "What a 413 says."
@@ -423,6 +442,7 @@ def create_app(settings: ServeSettings | None = None, # the serving settings; No
 def app_from_env() -> FastAPI:
     "The app configured by `MLOPS_*` environment variables (the factory uvicorn workers call)."
     configure_request_logging()
+    logging.captureWarnings(True)  # a library's warning becomes a JSON line too (see `server_log_config`)
     return create_app(ServeSettings.from_env())
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[MULTIPROC_ENV] = metrics_dir
     try:
         uvicorn.run("mlops_basics.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-                    access_log=False, proxy_headers=True, timeout_graceful_shutdown=10)
+                    access_log=False, proxy_headers=True, timeout_graceful_shutdown=10, log_config=server_log_config())
     finally:
         if metrics_dir: shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from mangum import Mangum
@@ -22,6 +23,7 @@ def runtime() -> dict[str, Any]:
     "The app and its Mangum adapter, created once per execution environment."
     if not _runtime:
         configure_request_logging()  # stdout: Lambda sends it to CloudWatch Logs line by line
+        logging.captureWarnings(True)  # a library's warning goes through the runtime's (JSON) log handler, not raw to stderr
         app = create_app(ServeSettings.from_env())
         _runtime.update(app=app, mangum=Mangum(app, lifespan="off"))
     return _runtime

@@ -73,11 +73,13 @@ def serving_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 120) -> dict:
+def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 120, errors: Path | None = None) -> dict:
+    "Poll `url`/health until it answers 200; fail at once, with the server's stderr (a pipe or the file `errors`), if the process exits."
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read().decode()[-3000:] if process.stderr else ''}")
+            stderr = errors.read_text() if errors else process.stderr.read().decode() if process.stderr else ""
+            raise AssertionError(f"server exited with {process.returncode}: {stderr[-3000:]}")
         try:
             status, _, body = http("GET", f"{url}/health", timeout=2)
             if status == 200: return json.loads(body)
@@ -86,16 +88,29 @@ def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeou
     raise AssertionError(f"{url} did not become healthy in {timeout} s")
 
 
+def json_lines(text: str, # a log, as printed
+               source: str = "output", # what it is, for the assertion message
+              ) -> list[dict]:
+    "Every line of `text` parsed as one JSON object; an assertion names the first line that is not one."
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try: record = json.loads(line)
+        except ValueError: record = None
+        assert isinstance(record, dict), f"{source}, line {number}, is not a JSON object: {line[:300]!r}"
+        records.append(record)
+    return records
+
+
 @contextlib.contextmanager
-def running_server(*args, log: Path):
-    "`mlops-serve *args` on a free 127.0.0.1 port, one ONNX Runtime thread; yields its base URL, stdout going to `log`."
+def running_server(*args, log: Path, errors: Path | None = None):
+    "`mlops-serve *args` on a free 127.0.0.1 port, one ONNX Runtime thread; yields its base URL, stdout going to `log` (stderr to `errors`)."
     port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN/"mlops-serve"), *map(str, args), "--port", str(port)], stdout=out, stderr=subprocess.PIPE,
-                                env={**os.environ, "MLOPS_THREADS": "1"})
+    with open(log, "wb") as out, open(errors or os.devnull, "wb") as err:
+        proc = subprocess.Popen([str(BIN/"mlops-serve"), *map(str, args), "--port", str(port)], stdout=out,
+                                stderr=err if errors else subprocess.PIPE, env={**os.environ, "MLOPS_THREADS": "1"})
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_until_healthy(url, proc)
+            wait_until_healthy(url, proc, errors=errors)
             yield url
         finally:
             proc.terminate(); proc.wait(timeout=30)

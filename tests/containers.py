@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import queue
+import random
 import re
 import shutil
 import socket
@@ -163,9 +164,26 @@ def remove_container(name: str) -> None:
     podman("rm", "--force", "--time", "5", name, check=False, timeout=120)
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 for a server to bind later, never the same one twice in this process.
+    Chosen below the kernel's ephemeral range: a port from that range (what binding port 0 returns) can be taken by any
+    outgoing connection between the choice and the server's bind, so a server would fail to start now and then."""
+    try: ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError): ephemeral_low = 32768  # Linux's default
+    ports = list(range(10_000, max(ephemeral_low, 10_001)))
+    random.SystemRandom().shuffle(ports)
+    for port in ports:
+        if port in _PORTS_GIVEN: continue
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try: s.bind(("127.0.0.1", port))
+            except OSError: continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port on 127.0.0.1 between 10000 and {ephemeral_low}")
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30) -> tuple[int, dict, bytes]:

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, free_port, http, wait_until_healthy
+from mlops_basics.app import LATENCY_BUCKETS
 
 RULES = ROOT/"monitoring"/"prometheus"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)  # the app's latency buckets
+BUCKETS = (*LATENCY_BUCKETS, math.inf)  # the app's latency buckets, as Prometheus lists them
 
 
 def promtool(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -59,6 +60,26 @@ def scalar(prom: str, expr: str, at: float) -> float:
     result = query(prom, expr, at)
     assert len(result) == 1, (expr, result)
     return float(result[0]["value"][1])
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
+    "PromQL's `histogram_quantile` of classic buckets (upper bound -> cumulative count): linear inside the bucket holding the rank."
+    bounds = sorted(buckets)
+    assert bounds[-1] == math.inf, bounds
+    cumulative = [buckets[b] for b in bounds]
+    for i in range(1, len(cumulative)): cumulative[i] = max(cumulative[i], cumulative[i - 1])  # as Prometheus mends non-monotonic buckets
+    rank = q * cumulative[-1]
+    b = next(i for i, c in enumerate(cumulative) if c >= rank)
+    if b == len(bounds) - 1: return bounds[-2]  # in the +Inf bucket: the highest finite bound
+    start, below = (0.0, 0.0) if b == 0 else (bounds[b - 1], cumulative[b - 1])
+    return start + (bounds[b] - start) * (rank - below) / (cumulative[b] - below)
+
+
+def test_histogram_quantile_matches_prometheus_documented_examples():
+    "The reference implementation the p95 check relies on: rank 0.95 x 20 = 19 falls in (0.005, 0.01], 4 of 5 in."
+    assert math.isclose(histogram_quantile(0.95, {0.005: 15, 0.01: 20, math.inf: 20}), 0.005 + 0.005 * 4 / 5)
+    assert histogram_quantile(0.5, {0.1: 0, 1.0: 0, math.inf: 4}) == 1.0  # all in +Inf: the highest finite bound
+    assert math.isclose(histogram_quantile(0.5, {0.1: 4, math.inf: 4}), 0.05)
 
 
 def wait_for(predicate, what: str, timeout: float = 60):
@@ -166,14 +187,29 @@ def test_prometheus_scrapes_the_app_and_promql_gives_what_the_traffic_implies(se
     # No request ended in 5xx, so no 5xx series exists and the error ratio is an empty vector (a 0 on a dashboard).
     assert ask("error_ratio") == []
 
-    # p95 latency: the histogram's 95th percentile lies in the bucket that holds the 95th percentile of the
-    # latencies the app logged for the same requests (the log and the histogram record the same measurement).
+    # p95 latency, in three steps that hold whatever the timing. (1) The histogram counts exactly what the log
+    # records: the raw bucket counters grew, in the window, by the number of logged burst latencies (200s and 422s
+    # alike) at or under each bound; the log rounds to 0.01 ms, so a latency that close to a bound may fall either side.
+    le_sum = 'sum by (le) ({metric}{{route="/predict"}}{range})'
+    bucket = "mlops_request_duration_seconds_bucket"
+    def by_le(expr: str, at: float) -> dict[float, float]:
+        return {float(r["metric"]["le"]): float(r["value"][1]) for r in query(prom, expr, at)}
+    before, after = (by_le(le_sum.format(metric=bucket, range=""), at) for at in (t1 - window, t1))
+    latencies = [l["latency_ms"] / 1000 for l in burst]
+    assert sorted(after) == list(BUCKETS), after
+    for le in BUCKETS:
+        surely, maybe = sum(x <= le - 5e-6 for x in latencies), sum(x <= le + 5e-6 for x in latencies)
+        assert surely <= after[le] - before[le] <= maybe, (le, after[le] - before[le], surely, maybe)
+    # (2) rate() turns those counts into per-second rates, each series extrapolated towards the window's ends by up
+    # to a scrape interval (as for the request rate above), so count/window <= rate <= count/(window - 2).
+    rates = by_le(le_sum.format(metric=f"rate({bucket}", range=f"[{w}])"), t1)
+    for le in BUCKETS:
+        count = after[le] - before[le]
+        assert count / window * 0.97 <= rates[le] <= count / (window - 2) * 1.03 + 1e-12, (le, rates[le], count, window)
+    # (3) The module's p95 is the 0.95-quantile of exactly that rate vector, interpolated as Prometheus documents it.
     p95, = [float(r["value"][1]) for r in ask("p95_latency_s")]
-    latencies = sorted(l["latency_ms"] / 1000 for l in burst)
-    true_p95 = latencies[math.ceil(0.95 * n) - 1]
-    upper = next(b for b in BUCKETS if true_p95 <= b)
-    lower = max([0.0] + [b for b in BUCKETS if b < upper])
-    assert lower <= p95 <= upper, (p95, true_p95, lower, upper)
+    expected_p95 = histogram_quantile(0.95, rates)
+    assert math.isclose(p95, expected_p95, rel_tol=1e-9), (p95, expected_p95, rates)
 
     # Ratios of two series' rates. rate() extrapolates each series towards the window's start by up to 1.1 scrape
     # intervals, less for a series that would reach zero sooner, so two series can be scaled apart by up to

@@ -2,6 +2,7 @@
 and a fresh virtual environment with only the serve extra."""
 import json
 import logging
+import os
 import re
 import shutil
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, free_port, http, run_cli
+from conftest import BIN, ROOT, free_port, http, json_lines, run_cli, running_server
 
 
 JSON = {"Content-Type": "application/json"}
@@ -30,7 +31,7 @@ def test_predict_health_and_metrics_over_http(server):
     metrics = http("GET", f"{url}/metrics")[2].decode()
     assert 'mlops_requests_total{method="POST",route="/predict",status="200"}' in metrics
     assert "mlops_prediction_score_bucket" in metrics
-    time.sleep(0.2)
+    # No waiting: the app writes (and flushes) a request's log line before the response leaves it.
     lines = [json.loads(l) for l in log.read_text().splitlines() if l.startswith("{")]
     mine = [l for l in lines if l.get("request_id") == "http-test-1"]
     assert len(mine) == 1 and mine[0]["event"] == "predict" and mine[0]["n"] == 2 and "text" not in mine[0]["predictions"][0]
@@ -277,3 +278,41 @@ print(json.dumps({{"heavy": sorted({{'torch', 'transformers', 'pytorch_lightning
     size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
     print(f"serve-only venv: {size_mb:.0f} MB, first prediction {result['first_prediction_s']:.2f} s")
     assert size_mb < 400  # a regression guard; the measured size is in the benchmarks page
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_line_the_server_prints_is_json(serving_dir, tmp_path, workers):
+    "stdout and stderr of `mlops-serve`, from start-up to shutdown, with good, bad and unknown requests in between: JSON lines only."
+    out, err = tmp_path/"stdout.log", tmp_path/"stderr.log"
+    with running_server("--serving-dir", serving_dir, "--workers", workers, log=out, errors=err) as url:
+        assert http("POST", f"{url}/predict", json.dumps({"sentences": ["She sang."]}).encode(), JSON)[0] == 200
+        assert http("POST", f"{url}/predict", b"{not json", JSON)[0] == 400
+        assert http("GET", f"{url}/no-such-page")[0] == 404
+        assert http("GET", f"{url}/metrics")[0] == 200
+    records = json_lines(out.read_text(), out.name) + json_lines(err.read_text(), err.name)
+    server = [r for r in records if r["event"] == "server"]
+    assert all({"timestamp", "level", "logger", "message"} <= set(r) for r in server)
+    messages = [r["message"] for r in server]
+    assert "Application startup complete." in messages and any(m.startswith("Finished server process") for m in messages), messages
+    requests = [r for r in records if r["event"] in ("predict", "request") and r["path"] != "/health"]  # /health: the start-up polls
+    assert sorted((r["path"], r["status"]) for r in requests) == [("/predict", 200), ("/predict", 400), ("unmatched", 404)], requests
+
+
+def test_every_line_the_lambda_runtime_client_prints_is_json(serving_dir, tmp_path):
+    "The handler under the real runtime client (awslambdaric, JSON log format as the image sets it), answering and failing: JSON lines only."
+    from containers import LambdaRuntimeAPI
+    def invoke(serving: Path, log: Path):
+        with LambdaRuntimeAPI() as api, open(log, "wb") as out:
+            env = {**os.environ, "AWS_LAMBDA_RUNTIME_API": api.address, "AWS_LAMBDA_LOG_FORMAT": "JSON", "MLOPS_SERVING_DIR": str(serving),
+                   "MLOPS_THREADS": "1"}
+            proc = subprocess.Popen([sys.executable, "-m", "awslambdaric", "mlops_basics.lambda_handler.handler"], stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
+            try: return api.invoke({"sentence": "She sang."}, timeout=120)
+            finally: proc.terminate(); proc.wait(timeout=30)
+    ok = invoke(serving_dir, tmp_path/"ok.log")
+    assert ok.kind == "response" and len(ok.payload["predictions"]) == 1, ok.payload
+    failed = invoke(tmp_path/"missing", tmp_path/"failed.log")  # the model cannot load: the invocation fails
+    assert failed.kind == "error" and failed.payload["errorType"] == "ArtifactsError", failed.payload
+    assert [r["status"] for r in json_lines((tmp_path/"ok.log").read_text(), "ok.log") if r.get("event") == "predict"] == [200]
+    errors = [r for r in json_lines((tmp_path/"failed.log").read_text(), "failed.log") if r.get("level") == "ERROR"]
+    assert errors and errors[0]["errorType"] == "ArtifactsError" and errors[0]["stackTrace"], errors  # the runtime client's own line
