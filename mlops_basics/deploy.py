@@ -10,6 +10,8 @@ import base64
 import contextlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -22,10 +24,11 @@ import boto3
 import botocore.exceptions
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'DeployError', 'DeployConfig', 'clients', 'aws_errors', 'lifecycle_policy', 'ensure_repository',
-           'container_cli', 'registry_login', 'existing_tags', 'push_image', 'wanted_configuration',
-           'wait_until_updated', 'ensure_function', 'ensure_log_group', 'publish_version', 'read_alias', 'point_alias',
-           'http_smoke_test', 'ReleaseResult', 'release', 'status', 'main']
+__all__ = ['DEFAULTS', 'CONTAINER_ENGINES', 'CONTAINER_CLI_ENV', 'DeployError', 'DeployConfig', 'clients', 'aws_errors',
+           'lifecycle_policy', 'ensure_repository', 'image_in_store', 'container_cli', 'require_image',
+           'docker_push_digest', 'registry_login', 'existing_tags', 'push_image', 'wanted_configuration',
+           'configuration_differs', 'wait_until_updated', 'ensure_function', 'ensure_log_group', 'publish_version',
+           'read_alias', 'point_alias', 'http_smoke_test', 'ReleaseResult', 'release', 'status', 'main']
 
 # %% ../nbs/07_registry.ipynb #424286ee
 class DeployError(RuntimeError):
@@ -130,11 +133,46 @@ def ensure_repository(ecr, # a boto3 ECR client
     return repo["repositoryUri"], changes
 
 # %% ../nbs/07_registry.ipynb #1d71db62
-def container_cli() -> str:
-    "podman if installed, else docker."
-    for cli in ("podman", "docker"):
-        if subprocess.run(["which", cli], capture_output=True).returncode == 0: return cli
-    raise DeployError("neither podman nor docker is installed: the image cannot be pushed")
+CONTAINER_ENGINES = ("podman", "docker")  # in the order tried when nothing says which
+CONTAINER_CLI_ENV = "MLOPS_CONTAINER_CLI"
+
+def image_in_store(cli: str, # podman or docker
+                   image: str, # a local image name, e.g. mlops-basics:3f2a9c1
+                  ) -> bool:
+    "Whether `image` is in `cli`'s local image store (each engine has its own: podman does not see docker's images)."
+    command = [cli, "image", "exists", image] if cli == "podman" else [cli, "image", "inspect", image]
+    try: return subprocess.run(command, capture_output=True).returncode == 0
+    except OSError: return False
+
+def container_cli(image: str | None = None, # the image about to be pushed: an engine whose store holds it is preferred
+                  cli: str | None = None, # an explicit choice (the `--cli` option), which wins
+                 ) -> str:
+    "The container engine: `cli`, else $MLOPS_CONTAINER_CLI, else the installed engine that holds `image`, else podman, then docker."
+    chosen = cli or os.environ.get(CONTAINER_CLI_ENV, "").strip()
+    if chosen:
+        if not cli and chosen not in CONTAINER_ENGINES:
+            raise DeployError(f"{CONTAINER_CLI_ENV}={chosen!r}: the container engine must be one of {', '.join(CONTAINER_ENGINES)}")
+        if not shutil.which(chosen): raise DeployError(f"the container engine {chosen!r} is not installed (chosen by {'--cli' if cli else CONTAINER_CLI_ENV})")
+        return chosen
+    installed = [e for e in CONTAINER_ENGINES if shutil.which(e)]
+    if not installed: raise DeployError("neither podman nor docker is installed: the image cannot be pushed")
+    return next((e for e in installed if image and image_in_store(e, image)), installed[0])
+
+def require_image(cli: str, # the engine that will tag and push
+                  image: str, # the local image
+                 ) -> None:
+    "A clear `DeployError` when `image` is not in `cli`'s store, naming the engine that does hold it, if one does."
+    if image_in_store(cli, image): return
+    holders = [e for e in CONTAINER_ENGINES if e != cli and shutil.which(e) and image_in_store(e, image)]
+    hint = (f"; {holders[0]} holds it: build and push with one engine (--cli {holders[0]}, or {CONTAINER_CLI_ENV}={holders[0]})" if holders
+            else f": build it first, e.g. `{cli} build --tag {image} .`")
+    raise DeployError(f"the image {image!r} is not in {cli}'s image store{hint}")
+
+def docker_push_digest(output: str, # what `docker push` printed
+                      ) -> str | None:
+    "The digest in `docker push`'s last line (`TAG: digest: sha256:… size: N`), or None."
+    found = re.findall(r"digest: (sha256:[0-9a-f]{64})", output)
+    return found[-1] if found else None
 
 def _run(command: Sequence[str], action: str, stdin: str | None = None) -> str:
     "Run a container CLI command; a `DeployError` with its output if it fails."
@@ -144,14 +182,14 @@ def _run(command: Sequence[str], action: str, stdin: str | None = None) -> str:
 
 def registry_login(ecr, # a boto3 ECR client
                    registry: str | None = None, # registry host to log into; None: ECR's own endpoint
-                   cli: str | None = None, # podman or docker; None picks one
+                   cli: str | None = None, # podman or docker; None: see `container_cli`
                    tls_verify: bool = True, # False for a local plain-HTTP registry
                   ) -> str:
     "Log the container CLI into the registry with an ECR token; returns the registry host."
     with aws_errors("getting an ECR login token"): auth = ecr.get_authorization_token()["authorizationData"][0]
     user, password = base64.b64decode(auth["authorizationToken"]).decode().split(":", 1)
     host = registry or auth["proxyEndpoint"].removeprefix("https://")
-    cli = cli or container_cli()
+    cli = container_cli(cli=cli)
     extra = ["--tls-verify=false"] if (not tls_verify and cli == "podman") else []
     _run([cli, "login", *extra, "--username", user, "--password-stdin", host], f"logging {cli} into {host}", stdin=password)
     return host
@@ -172,7 +210,7 @@ def existing_tags(ecr, # a boto3 ECR client
 def push_image(local_image: str, # the image to push, e.g. mlops-basics:latest
                repository_uri: str, # the ECR repository URI (or its equivalent in another registry)
                tags: Sequence[str], # tags to push: the git SHA, the version
-               cli: str | None = None, # podman or docker; None picks one
+               cli: str | None = None, # podman or docker; None: see `container_cli`
                tls_verify: bool = True, # False for a local plain-HTTP registry
                existing: dict[str, str] | None = None, # tags the repository already holds, and their digests (see `existing_tags`)
               ) -> str:
@@ -183,7 +221,8 @@ def push_image(local_image: str, # the image to push, e.g. mlops-basics:latest
         raise DeployError(f"the tags {', '.join(sorted(existing))} already name different images in {repository_uri} "
                           f"({', '.join(f'{t}={d}' for t, d in sorted(existing.items()))}): tags are immutable, push under a new tag")
     if set(existing) == set(tags): return next(iter(existing.values()))  # all there already: nothing to push
-    cli = cli or container_cli()
+    cli = container_cli(local_image, cli)
+    require_image(cli, local_image)  # before tagging anything: a missing image says which engine has it
     digest = None
     for tag in [t for t in tags if t not in existing]:
         target = f"{repository_uri}:{tag}"
@@ -194,8 +233,7 @@ def push_image(local_image: str, # the image to push, e.g. mlops-basics:latest
             with open(digest_file) as f: digest = f.read().strip()
             os.unlink(digest_file)
         else:
-            out = _run([cli, "push", target], f"pushing {target}")
-            digest = next((w for w in out.split() if w.startswith("sha256:")), digest)
+            digest = docker_push_digest(_run([cli, "push", target], f"pushing {target}")) or digest
     if not digest: raise DeployError(f"pushed {repository_uri} but could not read the image digest")
     for tag, other in existing.items():
         if other != digest:
@@ -205,8 +243,20 @@ def push_image(local_image: str, # the image to push, e.g. mlops-basics:latest
 
 # %% ../nbs/07_registry.ipynb #f708c004
 def wanted_configuration(cfg: DeployConfig) -> dict[str, Any]:
-    "The function configuration `cfg` asks for."
-    return {"MemorySize": cfg.memory_mb, "Timeout": cfg.timeout_s, "Environment": {"Variables": dict(cfg.environment)}}
+    "The function configuration `cfg` asks for; JSON logs, so the runtime client's own lines are JSON like the app's."
+    return {"MemorySize": cfg.memory_mb, "Timeout": cfg.timeout_s, "Environment": {"Variables": dict(cfg.environment)},
+            "LoggingConfig": {"LogFormat": "JSON"}}
+
+def configuration_differs(current: dict[str, Any], # the function's configuration, as `get_function` returns it
+                          wanted: dict[str, Any], # from `wanted_configuration`
+                         ) -> bool:
+    "Whether any wanted setting differs; a dict setting compares only the keys we set (Lambda adds its own, e.g. the log levels)."
+    for key, value in wanted.items():
+        if key not in current and key == "LoggingConfig": continue  # moto, the tests' AWS, does not model it; AWS always returns it
+        have = current.get(key)
+        if isinstance(value, dict) and key != "Environment": have = {k: (have or {}).get(k) for k in value}
+        if have != value: return True
+    return False
 
 def wait_until_updated(lam, # a boto3 Lambda client
                        name: str, # function name
@@ -243,7 +293,7 @@ def ensure_function(lam, # a boto3 Lambda client
             lam.update_function_code(FunctionName=cfg.function_name, ImageUri=image_uri)
             wait_until_updated(lam, cfg.function_name); changes.append("updated code")
         config, wanted = current["Configuration"], wanted_configuration(cfg)
-        if any(config.get(k) != v for k, v in wanted.items()):
+        if configuration_differs(config, wanted):
             lam.update_function_configuration(FunctionName=cfg.function_name, **wanted)
             wait_until_updated(lam, cfg.function_name); changes.append("updated configuration")
     return changes
@@ -376,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     push.add_argument("--tag", action="append", required=True, help="tag to push (repeatable): the git SHA, the version")
     push.add_argument("--registry", help="push to this registry host instead of ECR's (local rehearsal)")
     push.add_argument("--insecure-registry", action="store_true", help="plain-HTTP registry (local rehearsal)")
+    push.add_argument("--cli", choices=CONTAINER_ENGINES, help=f"the container engine that built the image (default: ${CONTAINER_CLI_ENV}, "
+                      "else the installed engine that holds the image, else podman, then docker)")
     rel = sub.add_parser("release", help="update the function, publish a version, move the alias, smoke-test, roll back on failure")
     rel.add_argument("--image-uri", required=True); rel.add_argument("--smoke-url"); rel.add_argument("--description", default="")
     sub.add_parser("status", help="show the alias and the versions")
@@ -388,8 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             uri, changes = ensure_repository(aws["ecr"], cfg.repository, cfg.keep_images)
             target = f"{args.registry}/{cfg.repository}" if args.registry else uri
             existing = existing_tags(aws["ecr"], cfg.repository, args.tag)
-            if set(existing) != set(args.tag): registry_login(aws["ecr"], args.registry, tls_verify=not args.insecure_registry)
-            digest = push_image(args.image, target, args.tag, tls_verify=not args.insecure_registry, existing=existing)
+            cli = container_cli(args.image, args.cli)
+            if set(existing) != set(args.tag):
+                require_image(cli, args.image)  # before logging in: the commonest mistake is an image built by the other engine
+                registry_login(aws["ecr"], args.registry, cli=cli, tls_verify=not args.insecure_registry)
+            digest = push_image(args.image, target, args.tag, cli=cli, tls_verify=not args.insecure_registry, existing=existing)
             print(json.dumps({"repository_changes": changes, "image_uri": f"{uri}@{digest}", "pushed_to": target, "tags": args.tag,
                               "already_in_ecr": sorted(existing)}))
         elif args.command == "release":

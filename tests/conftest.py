@@ -88,6 +88,18 @@ def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeou
     raise AssertionError(f"{url} did not become healthy in {timeout} s")
 
 
+def workflow_step(workflow: str, # the file name under .github/workflows, e.g. deploy.yml
+                  job: str, # the job's key
+                  name: str, # the step's name or id
+                 ) -> str:
+    "The `run:` script of one step of a GitHub Actions workflow, to run as the workflow would."
+    import yaml
+    steps = yaml.safe_load((ROOT/".github"/"workflows"/workflow).read_text())["jobs"][job]["steps"]
+    found = [s for s in steps if name in (s.get("name"), s.get("id"))]
+    assert len(found) == 1 and "run" in found[0], f"{workflow}: job {job} has no single step {name!r} with a run script"
+    return found[0]["run"]
+
+
 def json_lines(text: str, # a log, as printed
                source: str = "output", # what it is, for the assertion message
               ) -> list[dict]:

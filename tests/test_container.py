@@ -3,17 +3,20 @@ and no secret in any layer, the non-root user and its files, the health check, H
 Lambda function (the runtime client against a Lambda Runtime API served by the test), read-only but for /tmp."""
 import hashlib
 import json
+import os
 import re
+import shutil
 import subprocess
 import tarfile
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT
-from containers import (CA_BUNDLE, CONTEXT_FILES, http, make_build_context, podman, remove_container, run_http_container,
-                        run_lambda_container)
+from conftest import BIN, ROOT, json_lines
+from containers import (CA_BUNDLE, CONTEXT_FILES, free_port, http, make_build_context, podman, podman_env, remove_container,
+                        run_http_container, run_lambda_container, wait_for_http)
 
 EVENTS = Path(__file__).parent/"events"
 HEAVY = {"torch", "transformers", "lightning", "pytorch-lightning", "torchmetrics"}
@@ -159,8 +162,10 @@ def test_http_predict_and_health_in_the_container(http_container, serving_dir):
         status, _, metrics = http("GET", f"{url}/metrics")
         ok = re.search(r'mlops_requests_total\{method="POST",route="/predict",status="200"\} (\S+)', metrics.decode())
         assert status == 200 and ok and float(ok[1]) == 11.0, metrics.decode()[:3000]
-    logs = podman("logs", name)
-    assert any(json.loads(l).get("request_id") == "container-1" for l in logs.stdout.splitlines() if l.startswith("{"))
+    logs = podman("logs", name)  # every line JSON, uvicorn's own (from both workers and their supervisor) included
+    records = json_lines(logs.stdout, "the container's stdout") + json_lines(logs.stderr, "the container's stderr")
+    assert any(r.get("request_id") == "container-1" for r in records)
+    assert any(r.get("event") == "server" and r["message"] == "Application startup complete." for r in records), records[:10]
     assert "telemetry" not in (logs.stdout + logs.stderr).lower()  # ORT_DISABLE_TELEMETRY=1: ONNX Runtime's telemetry is off
 
 
@@ -244,3 +249,40 @@ def test_lambda_invocation_error_is_reported(image):
         answer = api.invoke(event("direct.json"), container=name)
         assert answer.kind == "error" and answer.payload["errorType"] == "ArtifactsError", answer.payload
         assert "/opt/mlops/missing" in answer.payload["errorMessage"]
+        # The runtime client's own report of the failure is one JSON line too (the image sets AWS_LAMBDA_LOG_FORMAT=JSON).
+        logs = podman("logs", name)
+        records = json_lines(logs.stdout, "the function's stdout") + json_lines(logs.stderr, "the function's stderr")
+        assert any(r.get("level") == "ERROR" and r.get("errorType") == "ArtifactsError" for r in records), records
+
+
+# --- compose -----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compose_serves_the_mounted_serving_directory(image, serving_dir):
+    "compose.yaml brought up by podman-compose on the test's image, with a serving directory mounted over the baked-in one."
+    assert shutil.which("podman-compose"), "podman-compose is needed (Debian package podman-compose): .ci/system-packages installs it"
+    from mlops_basics.predictor import ONNXPredictor
+    mounted = Path(tempfile.mkdtemp(prefix="mlops-compose-", dir="/tmp")); mounted.chmod(0o755)  # the image's user must reach it
+    shutil.copytree(serving_dir, mounted/"serving"); (mounted/"serving"/"MOUNTED").write_text("from the host\n")
+    port, project = free_port(), f"mlopstest{uuid.uuid4().hex[:8]}"
+    env = {**podman_env(), "MLOPS_IMAGE": image.tag, "MLOPS_SERVING_DIR": str(mounted/"serving"), "MLOPS_PORT": str(port)}
+    compose = lambda *args: subprocess.run(["podman-compose", "--project-name", project, "--file", str(ROOT/"compose.yaml"), *args],
+                                           env=env, capture_output=True, text=True, timeout=600)
+    containers = lambda: podman("ps", "--all", "--quiet", "--filter", f"label=io.podman.compose.project={project}").stdout.split()
+    try:
+        up = compose("up", "--detach", "--no-build")
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health", timeout=180)
+        name, = containers()
+        assert podman("exec", name, "cat", "/opt/mlops/serving/MOUNTED").stdout == "from the host\n"  # the mount, not the image's copy
+        local = ONNXPredictor(mounted/"serving", threads=1)
+        status, _, body = http("POST", f"{url}/predict", json.dumps({"sentences": ["The book was read by the student."]}).encode(), JSON)
+        assert status == 200, body
+        answer = json.loads(body)
+        assert answer["model_version"] == local.version and answer["predictions"][0]["label"] == local.predict(["The book was read by the student."])[0].label
+        assert podman("exec", name, "touch", "/opt/mlops/serving/probe", check=False).returncode != 0  # mounted read-only
+    finally:
+        down = compose("down")
+        shutil.rmtree(mounted, ignore_errors=True)
+    assert down.returncode == 0 and containers() == [], down.stdout[-2000:] + down.stderr[-2000:]

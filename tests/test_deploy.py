@@ -4,16 +4,21 @@ and run as the smoke-test target of the release. Failures must leave the alias w
 leave none). moto's ECR does not see the local registry, so where a test needs ECR to know a pushed image it registers
 the pushed manifest with moto (`ecr.put_image`), as ECR holds it after a real push."""
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
 
-from conftest import BIN, free_port
-from containers import podman, podman_env, remove_image, run_http_container
+from conftest import BIN, free_port, workflow_step
+from containers import (BASE_IMAGE, CA_BUNDLE, ensure_base_image, make_build_context, podman, podman_env, remove_image,
+                        run_http_container)
 
 pytestmark = pytest.mark.slow
 REGION = "eu-west-1"
@@ -201,3 +206,91 @@ def test_missing_settings_are_named(aws):
     proc = deploy("release", "--image-uri", stand_in_image("0"), "--smoke-url", "", env=env)
     assert proc.returncode == 2 and "the smoke-test URL is empty" in proc.stderr, proc.stderr
     assert "ResourceNotFoundException" in deploy("status", env=env).stderr  # no function was created
+
+
+# --- The container engine: docker as well as podman, and one engine for build and push ----------------------------------
+
+@pytest.fixture(scope="module")
+def dockerd(tmp_path_factory):
+    "A Docker daemon of the test's own (Debian's docker.io): its own data, socket and client config; no bridge, no iptables."
+    assert shutil.which("dockerd") and shutil.which("docker"), "docker is needed (Debian package docker.io): .ci/system-packages installs it"
+    work = tmp_path_factory.mktemp("dockerd")
+    run_dir = Path(tempfile.mkdtemp(prefix="mlops-dockerd-", dir="/tmp"))  # short: unix socket paths are limited to ~100 bytes
+    env = {"DOCKER_HOST": f"unix://{run_dir}/docker.sock", "DOCKER_CONFIG": str(work/"client")}  # login tokens stay in the test
+    log = open(work/"dockerd.log", "wb")
+    proc = subprocess.Popen(["dockerd", "--data-root", work/"data", "--exec-root", run_dir/"exec", "--pidfile", run_dir/"dockerd.pid",
+                             "-H", env["DOCKER_HOST"], "--iptables=false", "--ip6tables=false", "--bridge=none", "--storage-driver=vfs"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while subprocess.run(["docker", "version"], env={**os.environ, **env}, capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.time() > deadline: raise AssertionError((work/"dockerd.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield env
+    finally:
+        proc.terminate(); proc.wait(timeout=60); log.close()
+        shutil.rmtree(run_dir, ignore_errors=True); shutil.rmtree(work/"data", ignore_errors=True)
+
+
+def registry_digest(registry: str, tag: str) -> str:
+    "The digest the registry serves for mlops-basics:`tag`."
+    request = urllib.request.Request(f"http://{registry}/v2/mlops-basics/manifests/{tag}", method="HEAD", headers={"Accept": ", ".join((
+        "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json"))})
+    with urllib.request.urlopen(request, timeout=10) as r: return r.headers["Docker-Content-Digest"]
+
+
+def test_the_docker_branch_pushes_for_real(dockerd, registry, aws, tmp_path):
+    "The docker branch of `mlops-deploy push`: login, tag, push and the digest read from docker's own output, against the registry."
+    docker = lambda *args: subprocess.run(["docker", *map(str, args)], env={**os.environ, **dockerd}, capture_output=True, text=True,
+                                          timeout=300, check=True)
+    rootfs = tmp_path/"rootfs"; (rootfs/"etc").mkdir(parents=True); (rootfs/"etc"/"release").write_text(f"mlops-basics {uuid.uuid4()}\n")
+    subprocess.run(["tar", "-C", rootfs, "-cf", tmp_path/"rootfs.tar", "."], check=True)
+    image, sha = f"mlops-basics:docker-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:12]
+    docker("import", tmp_path/"rootfs.tar", image)  # docker cannot build the Dockerfile offline (its BuildKit frontend is pulled from Docker Hub)
+    # The workflow's way of choosing: MLOPS_CONTAINER_CLI, with podman installed too.
+    pushed = deploy("push", "--image", image, "--tag", sha, "--tag", "v0.2.0", "--registry", registry, "--insecure-registry",
+                    env={**aws, **dockerd, "MLOPS_CONTAINER_CLI": "docker"})
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    result = json.loads(pushed.stdout.strip().splitlines()[-1])
+    digest = result["image_uri"].split("@", 1)[1]
+    assert digest == registry_digest(registry, sha) == registry_digest(registry, "v0.2.0"), (digest, result)
+    # podman's store does not hold the image: had podman been used, the push could not have happened.
+    assert podman("image", "exists", image, check=False).returncode == 1
+    # Asked for podman instead, the push stops before tagging anything and says which engine holds the image.
+    wrong = deploy("push", "--image", image, "--tag", f"{sha}-2", "--registry", registry, "--insecure-registry", "--cli", "podman",
+                   env={**aws, **dockerd})
+    assert wrong.returncode == 2 and f"the image {image!r} is not in podman's image store; docker holds it" in wrong.stderr, wrong.stderr
+
+
+def test_the_deploy_workflow_builds_and_pushes_with_one_engine(serving_dir, registry, aws, dockerd, tmp_path):
+    "The workflow's build and push steps, run in order as written, with podman; and with docker set for the push, the old failure, now clear."
+    build, push = workflow_step("deploy.yml", "deploy", "Build the image"), workflow_step("deploy.yml", "deploy", "Push to ECR")
+    assert build.startswith('"$MLOPS_CONTAINER_CLI" build ') and "mlops-deploy push" in push
+    # Rehearsal-only build options: the local base image (no registry to pull python:3.11-slim from), the proxy's CA bundle as
+    # the Dockerfile's build secret, the host network for RUN steps, and docker's image format (OCI drops the HEALTHCHECK).
+    ensure_base_image()
+    build = build.replace('" build ', f'" build --format docker --network host --pull=never --build-arg BASE={BASE_IMAGE} '
+                                     f'--secret id=ca_bundle,src={CA_BUNDLE} ', 1)
+    push = push.replace("mlops-deploy push", f"mlops-deploy push --registry {registry} --insecure-registry", 1)  # not ECR: the local registry
+    context = make_build_context(serving_dir, tmp_path/"context")
+    sha, output = uuid.uuid4().hex + uuid.uuid4().hex[:8], tmp_path/"github_output"
+    github = {"GITHUB_SHA": sha, "GITHUB_REF_TYPE": "tag", "GITHUB_REF_NAME": "v1.2.3", "GITHUB_OUTPUT": str(output),
+              "PATH": f"{BIN}:{os.environ['PATH']}"}
+    step = lambda script, engine: subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script], cwd=context,
+                                                 capture_output=True, text=True, timeout=1800,
+                                                 env={**podman_env(), **aws, **dockerd, **github, "MLOPS_CONTAINER_CLI": engine})
+    try:
+        built = step(build, "podman")
+        assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
+        # The original failure: built by one engine, pushed by the other. Now a clear error before anything is tagged.
+        output.write_text("")
+        mixed = step(push, "docker")
+        assert mixed.returncode != 0 and f"the image 'mlops-basics:{sha}' is not in docker's image store; podman holds it" in mixed.stderr, mixed.stderr
+        assert output.read_text() == ""
+        pushed = step(push, "podman")
+        assert pushed.returncode == 0, pushed.stderr[-3000:]
+        image_uri = dict(line.split("=", 1) for line in output.read_text().splitlines())["image_uri"]
+        assert image_uri.startswith(f"123456789012.dkr.ecr.{REGION}.amazonaws.com/mlops-basics@sha256:")
+        assert image_uri.split("@", 1)[1] == registry_digest(registry, sha) == registry_digest(registry, "v1.2.3")
+    finally:
+        for tag in (f"mlops-basics:{sha}", f"{registry}/mlops-basics:{sha}", f"{registry}/mlops-basics:v1.2.3"): remove_image(tag)

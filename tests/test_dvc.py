@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, workflow_step
 from containers import http
 
 pytestmark = pytest.mark.slow
@@ -113,8 +113,7 @@ def test_each_stage_depends_on_the_code_it_runs(repo):
 
 def test_retrain_gate_passes_a_tie_and_stops_a_drop(repo, tmp_path):
     "The gate step of the retrain workflow, run as written: main's MCC exactly opens the pull request, a lower MCC does not."
-    steps = yaml.safe_load((ROOT/".github"/"workflows"/"retrain.yml").read_text())["jobs"]["retrain"]["steps"]
-    script = next(step["run"] for step in steps if step.get("id") == "gate").replace(".venv/bin/", f"{BIN}/")
+    script = workflow_step("retrain.yml", "retrain", "gate").replace(".venv/bin/", f"{BIN}/")
 
     def gate() -> str:
         "Run the step as GitHub Actions would; return what it wrote to $GITHUB_OUTPUT."
