@@ -13,6 +13,8 @@ def test_notebooks_preprocess_and_render_to_html(tmp_path):
     for name in ("settings.ini", "README.md", "setup.py"): shutil.copy(ROOT/name, copy/name)
     shutil.copytree(ROOT/"nbs", copy/"nbs", ignore=shutil.ignore_patterns(".ipynb_checkpoints", "_proc", "_docs"))
     shutil.copytree(ROOT/"mlops_basics", copy/"mlops_basics", ignore=shutil.ignore_patterns("__pycache__"))
+    # The docs build runs in the whole checkout, where a page may import the test suite's helpers (nbdev runs import cells).
+    shutil.copytree(ROOT/"tests", copy/"tests", ignore=shutil.ignore_patterns("__pycache__"))
     # nbdev_proc_nbs itself would try to install Quarto (and pip install the project); run its steps without that
     script = ("from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar; from nbdev.serve import proc_nbs; "
               "refresh_quarto_yml(); nbdev_sidebar.__wrapped__(); proc_nbs(n_workers=0)")
