@@ -267,9 +267,10 @@ def test_the_deploy_workflow_builds_and_pushes_with_one_engine(serving_dir, regi
     build, push = workflow_step("deploy.yml", "deploy", "Build the image"), workflow_step("deploy.yml", "deploy", "Push to ECR")
     assert build.startswith('"$MLOPS_CONTAINER_CLI" build ') and "mlops-deploy push" in push
     # Rehearsal-only build options: the local base image (no registry to pull python:3.11-slim from), the proxy's CA bundle as
-    # the Dockerfile's build secret, the host network for RUN steps, and docker's image format (OCI drops the HEALTHCHECK).
+    # the Dockerfile's build secret, the host network for RUN steps, docker's image format (OCI drops the HEALTHCHECK), and no
+    # layer cache: podman 4.3 cannot bind-mount a cached stage (`RUN --mount=type=bind,from=wheel` then finds no /dist).
     ensure_base_image()
-    build = build.replace('" build ', f'" build --format docker --network host --pull=never --build-arg BASE={BASE_IMAGE} '
+    build = build.replace('" build ', f'" build --format docker --network host --pull=never --layers=false --build-arg BASE={BASE_IMAGE} '
                                      f'--secret id=ca_bundle,src={CA_BUNDLE} ', 1)
     push = push.replace("mlops-deploy push", f"mlops-deploy push --registry {registry} --insecure-registry", 1)  # not ECR: the local registry
     context = make_build_context(serving_dir, tmp_path/"context")
