@@ -148,11 +148,11 @@ def container_cli(image: str | None = None, # the image about to be pushed: an e
                   cli: str | None = None, # an explicit choice (the `--cli` option), which wins
                  ) -> str:
     "The container engine: `cli`, else $MLOPS_CONTAINER_CLI, else the installed engine that holds `image`, else podman, then docker."
-    chosen = cli or os.environ.get(CONTAINER_CLI_ENV, "").strip()
+    chosen, source = (cli, "--cli") if cli else (os.environ.get(CONTAINER_CLI_ENV, "").strip(), CONTAINER_CLI_ENV)
     if chosen:
-        if not cli and chosen not in CONTAINER_ENGINES:
-            raise DeployError(f"{CONTAINER_CLI_ENV}={chosen!r}: the container engine must be one of {', '.join(CONTAINER_ENGINES)}")
-        if not shutil.which(chosen): raise DeployError(f"the container engine {chosen!r} is not installed (chosen by {'--cli' if cli else CONTAINER_CLI_ENV})")
+        if chosen not in CONTAINER_ENGINES:
+            raise DeployError(f"{source}={chosen!r}: the container engine must be one of {', '.join(CONTAINER_ENGINES)}")
+        if not shutil.which(chosen): raise DeployError(f"the container engine {chosen!r} is not installed (chosen by {source})")
         return chosen
     installed = [e for e in CONTAINER_ENGINES if shutil.which(e)]
     if not installed: raise DeployError("neither podman nor docker is installed: the image cannot be pushed")
