@@ -88,16 +88,34 @@ def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeou
     raise AssertionError(f"{url} did not become healthy in {timeout} s")
 
 
+def workflow_job(workflow: str, # the file name under .github/workflows, e.g. deploy.yml
+                 job: str, # the job's key
+                ) -> dict:
+    "One job of a GitHub Actions workflow, as parsed from its YAML (`env`, `steps`, ...)."
+    import yaml
+    return yaml.safe_load((ROOT/".github"/"workflows"/workflow).read_text())["jobs"][job]
+
+
 def workflow_step(workflow: str, # the file name under .github/workflows, e.g. deploy.yml
                   job: str, # the job's key
                   name: str, # the step's name or id
                  ) -> str:
-    "The `run:` script of one step of a GitHub Actions workflow, to run as the workflow would."
-    import yaml
-    steps = yaml.safe_load((ROOT/".github"/"workflows"/workflow).read_text())["jobs"][job]["steps"]
-    found = [s for s in steps if name in (s.get("name"), s.get("id"))]
+    "The `run:` script of one step of a GitHub Actions workflow, to run as the workflow would (see `run_workflow_step`)."
+    found = [s for s in workflow_job(workflow, job)["steps"] if name in (s.get("name"), s.get("id"))]
     assert len(found) == 1 and "run" in found[0], f"{workflow}: job {job} has no single step {name!r} with a run script"
     return found[0]["run"]
+
+
+def run_workflow_step(script: str, # from `workflow_step`
+                      cwd: str | Path, # the checkout the step runs in
+                      env: dict[str, str], # over this process's environment: the job's env, GITHUB_SHA, GITHUB_OUTPUT, ...
+                      unset: tuple[str, ...] = (), # variables to remove, as a job that does not set them
+                      timeout: float = 1800, # seconds
+                     ) -> subprocess.CompletedProcess:
+    "Run a step's script as GitHub Actions runs a `run:` step (`bash --noprofile --norc -eo pipefail`); output captured as text."
+    environment = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
+    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def json_lines(text: str, # a log, as printed

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, json_lines
-from containers import (CA_BUNDLE, CONTEXT_FILES, free_port, http, make_build_context, podman, podman_env, remove_container,
+from containers import (BASE_IMAGE, CA_BUNDLE, CONTEXT_FILES, free_port, http, make_build_context, podman, podman_env, remove_container,
                         run_http_container, run_lambda_container, wait_for_http)
 
 EVENTS = Path(__file__).parent/"events"
@@ -265,10 +265,15 @@ def test_compose_serves_the_mounted_serving_directory(image, serving_dir):
     mounted = Path(tempfile.mkdtemp(prefix="mlops-compose-", dir="/tmp")); mounted.chmod(0o755)  # the image's user must reach it
     shutil.copytree(serving_dir, mounted/"serving"); (mounted/"serving"/"MOUNTED").write_text("from the host\n")
     port, project = free_port(), f"mlopstest{uuid.uuid4().hex[:8]}"
-    env = {**podman_env(), "MLOPS_IMAGE": image.tag, "MLOPS_SERVING_DIR": str(mounted/"serving"), "MLOPS_PORT": str(port)}
+    env = {**podman_env(), "MLOPS_IMAGE": image.tag, "MLOPS_SERVING_DIR": str(mounted/"serving"), "MLOPS_PORT": str(port),
+           "MLOPS_BASE_IMAGE": BASE_IMAGE}
     compose = lambda *args: subprocess.run(["podman-compose", "--project-name", project, "--file", str(ROOT/"compose.yaml"), *args],
                                            env=env, capture_output=True, text=True, timeout=600)
     containers = lambda: podman("ps", "--all", "--quiet", "--filter", f"label=io.podman.compose.project={project}").stdout.split()
+    # `--build` would build the repository's own artifacts/serving into the image: the test only checks what it would run.
+    planned = compose("--dry-run", "build")
+    command = planned.stdout + planned.stderr  # podman-compose prints its podman commands on one or the other, by version
+    assert planned.returncode == 0 and image.tag in command and f"--build-arg BASE={BASE_IMAGE}" in command, command
     try:
         up = compose("up", "--detach", "--no-build")
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]

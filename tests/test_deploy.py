@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import BIN, free_port, workflow_step
+from conftest import BIN, free_port, run_workflow_step, workflow_job, workflow_step
 from containers import (BASE_IMAGE, CA_BUNDLE, ensure_base_image, make_build_context, podman, podman_env, remove_image,
                         run_http_container)
 
@@ -232,11 +232,16 @@ def dockerd(tmp_path_factory):
         shutil.rmtree(run_dir, ignore_errors=True); shutil.rmtree(work/"data", ignore_errors=True)
 
 
+def registry_manifest(registry: str, tag: str) -> tuple[str, dict]:
+    "The digest and the manifest the registry serves for mlops-basics:`tag`."
+    request = urllib.request.Request(f"http://{registry}/v2/mlops-basics/manifests/{tag}", headers={"Accept": ", ".join((
+        "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json"))})
+    with urllib.request.urlopen(request, timeout=10) as r: return r.headers["Docker-Content-Digest"], json.load(r)
+
+
 def registry_digest(registry: str, tag: str) -> str:
     "The digest the registry serves for mlops-basics:`tag`."
-    request = urllib.request.Request(f"http://{registry}/v2/mlops-basics/manifests/{tag}", method="HEAD", headers={"Accept": ", ".join((
-        "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json"))})
-    with urllib.request.urlopen(request, timeout=10) as r: return r.headers["Docker-Content-Digest"]
+    return registry_manifest(registry, tag)[0]
 
 
 def test_the_docker_branch_pushes_for_real(dockerd, registry, aws, tmp_path):
@@ -262,24 +267,37 @@ def test_the_docker_branch_pushes_for_real(dockerd, registry, aws, tmp_path):
     assert wrong.returncode == 2 and f"the image {image!r} is not in podman's image store; docker holds it" in wrong.stderr, wrong.stderr
 
 
-def test_the_deploy_workflow_builds_and_pushes_with_one_engine(serving_dir, registry, aws, dockerd, tmp_path):
-    "The workflow's build and push steps, run in order as written, with podman; and with docker set for the push, the old failure, now clear."
+def deploy_workflow_steps(registry: str) -> tuple[str, str]:
+    "The deploy workflow's build and push scripts, as written but for the push going to the local registry instead of ECR."
     build, push = workflow_step("deploy.yml", "deploy", "Build the image"), workflow_step("deploy.yml", "deploy", "Push to ECR")
     assert build.startswith('"$MLOPS_CONTAINER_CLI" build ') and "mlops-deploy push" in push
+    return build, push.replace("mlops-deploy push", f"mlops-deploy push --registry {registry} --insecure-registry", 1)
+
+
+def github_env(sha: str, output: Path, ref: str | None = "v1.2.3") -> dict[str, str]:
+    "What GitHub Actions gives the steps of a run for commit `sha`, on the version tag `ref` (None: a branch), plus the venv's tools."
+    return {"GITHUB_SHA": sha, "GITHUB_REF_TYPE": "tag" if ref else "branch", "GITHUB_REF_NAME": ref or "main",
+            "GITHUB_OUTPUT": str(output), "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def pushed_image_uri(output: Path) -> str:
+    "The image URI the push step wrote to $GITHUB_OUTPUT."
+    return dict(line.split("=", 1) for line in output.read_text().splitlines())["image_uri"]
+
+
+def test_the_deploy_workflow_builds_and_pushes_with_one_engine(serving_dir, registry, aws, dockerd, tmp_path):
+    "The workflow's build and push steps, run in order as written, with podman; and with docker set for the push, the old failure, now clear."
+    build, push = deploy_workflow_steps(registry)
     # Rehearsal-only build options: the local base image (no registry to pull python:3.11-slim from), the proxy's CA bundle as
     # the Dockerfile's build secret, the host network for RUN steps, docker's image format (OCI drops the HEALTHCHECK), and no
     # layer cache: podman 4.3 cannot bind-mount a cached stage (`RUN --mount=type=bind,from=wheel` then finds no /dist).
     ensure_base_image()
     build = build.replace('" build ', f'" build --format docker --network host --pull=never --layers=false --build-arg BASE={BASE_IMAGE} '
                                      f'--secret id=ca_bundle,src={CA_BUNDLE} ', 1)
-    push = push.replace("mlops-deploy push", f"mlops-deploy push --registry {registry} --insecure-registry", 1)  # not ECR: the local registry
     context = make_build_context(serving_dir, tmp_path/"context")
     sha, output = uuid.uuid4().hex + uuid.uuid4().hex[:8], tmp_path/"github_output"
-    github = {"GITHUB_SHA": sha, "GITHUB_REF_TYPE": "tag", "GITHUB_REF_NAME": "v1.2.3", "GITHUB_OUTPUT": str(output),
-              "PATH": f"{BIN}:{os.environ['PATH']}"}
-    step = lambda script, engine: subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script], cwd=context,
-                                                 capture_output=True, text=True, timeout=1800,
-                                                 env={**podman_env(), **aws, **dockerd, **github, "MLOPS_CONTAINER_CLI": engine})
+    step = lambda script, engine: run_workflow_step(script, context, {**podman_env(), **aws, **dockerd, **github_env(sha, output),
+                                                                       "MLOPS_CONTAINER_CLI": engine})
     try:
         built = step(build, "podman")
         assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
@@ -290,8 +308,41 @@ def test_the_deploy_workflow_builds_and_pushes_with_one_engine(serving_dir, regi
         assert output.read_text() == ""
         pushed = step(push, "podman")
         assert pushed.returncode == 0, pushed.stderr[-3000:]
-        image_uri = dict(line.split("=", 1) for line in output.read_text().splitlines())["image_uri"]
+        image_uri = pushed_image_uri(output)
         assert image_uri.startswith(f"123456789012.dkr.ecr.{REGION}.amazonaws.com/mlops-basics@sha256:")
         assert image_uri.split("@", 1)[1] == registry_digest(registry, sha) == registry_digest(registry, "v1.2.3")
     finally:
         for tag in (f"mlops-basics:{sha}", f"{registry}/mlops-basics:{sha}", f"{registry}/mlops-basics:v1.2.3"): remove_image(tag)
+
+
+def test_the_deploy_workflow_as_written_builds_and_pushes_with_docker(registry, aws, dockerd, tmp_path):
+    """The workflow's build and push steps with the engine its job sets (docker), on a daemon of the test's own: the image in the
+    registry is the one the build step made. Then the push again without the setting: the engine that holds the image is chosen."""
+    engine = workflow_job("deploy.yml", "deploy")["env"]["MLOPS_CONTAINER_CLI"]
+    assert engine == "docker"  # GitHub's runner builds with docker; podman, installed there too, cannot see docker's images
+    build, push = deploy_workflow_steps(registry)
+    # A stand-in context: docker cannot build the project's Dockerfile here (its syntax line pulls BuildKit's frontend from
+    # Docker Hub); the test above builds that one with podman. Nothing in this one needs a network or a base image.
+    context = tmp_path/"context"; context.mkdir()
+    (context/"release").write_text(f"mlops-basics {uuid.uuid4()}\n")  # a new image, with a new digest, on every run
+    (context/"Dockerfile").write_text("FROM scratch\nCOPY release /etc/release\n")
+    sha, output = uuid.uuid4().hex + uuid.uuid4().hex[:8], tmp_path/"github_output"
+    env = {**aws, **dockerd, **github_env(sha, output), "MLOPS_CONTAINER_CLI": engine}
+    built = run_workflow_step(build, context, env)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
+    pushed = run_workflow_step(push, context, env)
+    assert pushed.returncode == 0, pushed.stdout[-2000:] + pushed.stderr[-3000:]
+    digest = pushed_image_uri(output).split("@", 1)[1]
+    served, manifest = registry_manifest(registry, sha)
+    assert digest == served == registry_digest(registry, "v1.2.3")
+    built_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", f"mlops-basics:{sha}"], env={**os.environ, **dockerd},
+                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    assert manifest["config"]["digest"] == built_id  # the image pushed is the image built: same configuration blob
+    assert podman("image", "exists", f"mlops-basics:{sha}", check=False).returncode == 1  # podman, first by default, does not hold it
+
+    # No MLOPS_CONTAINER_CLI (a branch run: the SHA tag only): docker is chosen because its store holds the image.
+    output.write_text("")
+    again = run_workflow_step(push, context, {**env, **github_env(sha, output, ref=None)}, unset=("MLOPS_CONTAINER_CLI",))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert pushed_image_uri(output).split("@", 1)[1] == digest
+    # The dockerd fixture deletes its data directory, and with it every image these steps built or tagged.

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, run_workflow_step, workflow_job
 
 
 def run(*args) -> subprocess.CompletedProcess:
@@ -18,7 +18,7 @@ def test_workflows_pass_actionlint():
 
 def test_yaml_passes_yamllint():
     files = [*sorted((ROOT/".github"/"workflows").glob("*.yml")), ROOT/"dvc.yaml", ROOT/"params.yaml", ROOT/"infra"/"template.yaml",
-             *sorted((ROOT/"mlops_basics"/"conf").rglob("*.yaml"))]
+             ROOT/"compose.yaml", *sorted((ROOT/"mlops_basics"/"conf").rglob("*.yaml"))]
     proc = run(BIN/"yamllint", "--strict", "-c", ROOT/".yamllint.yaml", *files)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -81,14 +81,12 @@ def test_entrypoint_and_log_subscription_match_the_app(template):
 
 def test_deploy_workflow_refuses_an_unset_smoke_url():
     "An unset SMOKE_URL variable arrives as an empty string; the workflow stops before building anything, instead of releasing unchecked."
-    import yaml
-    steps = yaml.safe_load((ROOT/".github"/"workflows"/"deploy.yml").read_text())["jobs"]["deploy"]["steps"]
+    steps = workflow_job("deploy.yml", "deploy")["steps"]
     names = [s.get("name", s.get("uses")) for s in steps]
     check = steps[names.index("Check the settings")]
     release = next(s for s in steps if "mlops-deploy release" in s.get("run", ""))
     assert names.index("Check the settings") == 0 and '--smoke-url "$SMOKE_URL"' in release["run"]
     for smoke_url, code in (("", 1), ("https://abc.execute-api.eu-west-1.amazonaws.com", 0)):
-        proc = subprocess.run(["bash", "-e", "-c", check["run"]], env={"AWS_REGION": "eu-west-1", "SMOKE_URL": smoke_url, "PATH": "/usr/bin:/bin"},
-                              capture_output=True, text=True, timeout=30)
+        proc = run_workflow_step(check["run"], ROOT, {"AWS_REGION": "eu-west-1", "SMOKE_URL": smoke_url}, timeout=30)
         assert proc.returncode == code, proc.stdout + proc.stderr
         assert ("variable SMOKE_URL is empty" in proc.stdout) == (code == 1)
