@@ -218,9 +218,13 @@ def dockerd(tmp_path_factory):
     run_dir = Path(tempfile.mkdtemp(prefix="mlops-dockerd-", dir="/tmp"))  # short: unix socket paths are limited to ~100 bytes
     env = {"DOCKER_HOST": f"unix://{run_dir}/docker.sock", "DOCKER_CONFIG": str(work/"client")}  # login tokens stay in the test
     log = open(work/"dockerd.log", "wb")
-    proc = subprocess.Popen(["dockerd", "--data-root", work/"data", "--exec-root", run_dir/"exec", "--pidfile", run_dir/"dockerd.pid",
-                             "-H", env["DOCKER_HOST"], "--iptables=false", "--ip6tables=false", "--bridge=none", "--storage-driver=vfs"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    # Beside a system Docker (GitHub's runners): none of its /etc/docker/daemon.json, and a containerd namespace of our own
+    # should this daemon find the system's containerd.
+    (work/"daemon.json").write_text("{}")
+    proc = subprocess.Popen(["dockerd", "--config-file", work/"daemon.json", "--data-root", work/"data", "--exec-root", run_dir/"exec",
+                             "--pidfile", run_dir/"dockerd.pid", "-H", env["DOCKER_HOST"], "--containerd-namespace", "mlops-test",
+                             "--containerd-plugins-namespace", "mlops-test-plugins", "--iptables=false", "--ip6tables=false",
+                             "--bridge=none", "--storage-driver=vfs"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 60
         while subprocess.run(["docker", "version"], env={**os.environ, **env}, capture_output=True).returncode != 0:
