@@ -3,7 +3,6 @@ and no secret in any layer, the non-root user and its files, the health check, H
 Lambda function (the runtime client against a Lambda Runtime API served by the test), read-only but for /tmp."""
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
