@@ -23,11 +23,12 @@ import time
 import uuid
 from pathlib import Path
 
+from mlops_basics.test_containers import (BASE_IMAGE, build_image, container_memory_peak_bytes, container_peak_rss_bytes, ensure_base_image,
+                                          image_exists, make_build_context, podman, publish_args, remove_container, remove_image,
+                                          run_http_container, run_lambda_container)
+from mlops_basics.test_utils import free_port, http
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT/"tests"))
-from containers import (build_image, container_memory_peak_bytes, container_peak_rss_bytes, ensure_base_image, http, image_exists,  # noqa: E402
-                        make_build_context, podman, remove_container, remove_image, run_http_container, run_lambda_container, free_port,
-                        publish_args, BASE_IMAGE)
 
 SHARED_COLA = ROOT.parent/"shared"/"data"/"cola"  # mlops-export validates on CoLA: use the local copy when there is one
 if "MLOPS_COLA_PATH" not in os.environ and SHARED_COLA.exists(): os.environ["MLOPS_COLA_PATH"] = str(SHARED_COLA)

@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlops_basics.test_utils import free_port, http
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT/"tests"))
-from containers import free_port, http  # noqa: E402
-from serving_benchmark import cpu_model  # noqa: E402
+from serving_benchmark import cpu_model  # noqa: E402  (run as a script: benchmarks/ is on the path)
 
 RESULT = ROOT/"benchmarks"/"results"/"soak.json"
 SENTENCES = ["The book was read by the student.", "Book the the read.", "She sang beautifully at the concert last night.",

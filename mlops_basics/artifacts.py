@@ -18,8 +18,8 @@ from typing import Any, Iterable, Iterator
 
 # %% auto #0
 __all__ = ['ARTIFACTS_FORMAT', 'METADATA_FILE', 'REQUIRED_METADATA', 'TRACKED_PACKAGES', 'ArtifactsError', 'git_state',
-           'package_versions', 'replace_directory', 'make_readable', 'atomic_directory', 'atomic_file',
-           'write_artifacts', 'read_metadata']
+           'package_versions', 'replace_directory', 'make_readable', 'atomic_directory', 'atomic_file', 'write_json',
+           'read_json', 'write_jsonl', 'read_jsonl', 'write_artifacts', 'read_metadata']
 
 # %% ../nbs/00b_artifacts.ipynb #7a6fcee3
 ARTIFACTS_FORMAT = 1  # bump when the layout changes incompatibly
@@ -100,13 +100,50 @@ def atomic_file(target: str | Path, # the file to (re)write
         os.replace(staging, target)
     finally: staging.unlink(missing_ok=True)
 
-# %% ../nbs/00b_artifacts.ipynb #1f1a4883
+# %% ../nbs/00b_artifacts.ipynb #a79e86ed
 def _json_default(obj):
     "Encode numpy scalars, paths and the like found in metrics and configs."
     if hasattr(obj, "item"): return obj.item()
     if isinstance(obj, (Path, dt.datetime)): return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
+def write_json(data: Any, # JSON-able data (numpy scalars and paths allowed)
+               path: str | Path, # the file to (re)write
+              ) -> Path:
+    "Write `data` as indented JSON, atomically."
+    with atomic_file(path) as staging: staging.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    return Path(path)
+
+def read_json(path: str | Path, # a JSON file
+             ) -> Any:
+    "The data in a JSON file; a clear error naming the file when it is missing or not JSON."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path} does not exist")
+    try: return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e: raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+
+def write_jsonl(rows: Iterable[dict[str, Any]], # JSON-able rows
+                path: str | Path, # the file to (re)write
+               ) -> Path:
+    "Write `rows` as JSON lines, atomically."
+    with atomic_file(path) as staging, open(staging, "w", encoding="utf-8") as f:
+        for row in rows: f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+    return Path(path)
+
+def read_jsonl(path: str | Path, # a JSON-lines file
+              ) -> list[dict[str, Any]]:
+    "The rows of a JSON-lines file; a clear error naming the line that is not JSON."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path} does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip(): continue
+        try: rows.append(json.loads(line))
+        except json.JSONDecodeError as e: raise ValueError(f"{path}, line {n}: not JSON ({e.msg})") from None
+    return rows
+
+
+# %% ../nbs/00b_artifacts.ipynb #1f1a4883
 def write_artifacts(directory: str | Path, # the artifacts directory to (re)write
                     savers: Iterable[Any], # objects with `save_pretrained(path)`: the model, the tokenizer
                     metadata: dict[str, Any], # labels, max_length and whatever else describes the model
@@ -118,7 +155,7 @@ def write_artifacts(directory: str | Path, # the artifacts directory to (re)writ
         for saver in savers: saver.save_pretrained(staging)
         record = {"format": ARTIFACTS_FORMAT, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   **metadata}
-        (staging/METADATA_FILE).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+        write_json(record, staging/METADATA_FILE)
     return Path(directory)
 
 # %% ../nbs/00b_artifacts.ipynb #9c26901f

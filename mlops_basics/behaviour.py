@@ -6,18 +6,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .artifacts import ArtifactsError, atomic_file
+from .artifacts import ArtifactsError, read_json, write_json
 
 # %% auto #0
 __all__ = ['CLEAR_PAIRS', 'TEMPLATES', 'NAMES', 'NUMBERS', 'CAPABILITIES', 'THRESHOLDS', 'scramble', 'typo',
-           'punctuation_variants', 'build_suite', 'run_suite', 'threshold_from', 'write_json', 'main']
+           'punctuation_variants', 'build_suite', 'run_suite', 'threshold_from', 'main']
 
 # %% ../nbs/11_model_tests.ipynb #178591f1
 CLEAR_PAIRS = [  # (grammatical, ungrammatical)
@@ -207,13 +205,6 @@ def threshold_from(pass_rate: float, # a measured pass rate
     return round(max(0.0, float(np.floor((pass_rate - 2 * se) / step + 1e-9)) * step), 4)
 
 # %% ../nbs/11_model_tests.ipynb #6dd82e43
-def write_json(data: Any, # JSON-able data
-               path: str | Path, # the file to (re)write
-              ) -> Path:
-    "Write `data` as indented JSON, atomically."
-    with atomic_file(path) as staging: staging.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    return Path(path)
-
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `mlops-behaviour`."
     parser = argparse.ArgumentParser(prog="mlops-behaviour", description="Behavioural (CheckList-style) tests of a serving model.")
@@ -228,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.serving_dir: print("mlops-behaviour: --serving-dir is required", file=sys.stderr); return 2
     from mlops_basics.predictor import ONNXPredictor
     try:
-        thresholds = None if args.no_thresholds else json.loads(Path(args.thresholds).read_text()) if args.thresholds else THRESHOLDS
+        thresholds = None if args.no_thresholds else read_json(args.thresholds) if args.thresholds else THRESHOLDS
         if thresholds is not None and (unknown := set(thresholds) - set(CAPABILITIES)):
             raise ValueError(f"thresholds for unknown capabilities: {', '.join(sorted(unknown))}")
         predictor = ONNXPredictor(args.serving_dir, args.variant)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import warnings
@@ -19,7 +18,8 @@ import onnxruntime as ort
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .artifacts import ARTIFACTS_FORMAT, ArtifactsError, atomic_directory, git_state, package_versions, read_metadata
+from .artifacts import (ARTIFACTS_FORMAT, METADATA_FILE, ArtifactsError, atomic_directory, git_state, package_versions,
+                                    read_metadata, write_json)
 from .data import load_cola, sha256_file
 from .inference import binary_metrics
 from .model import quiet_transformers
@@ -197,7 +197,7 @@ def export_serving(model_dir: str | Path, # the training artifacts directory
                     "source": {"model_dir": str(model_dir), "backbone": trained.get("backbone"), "data_sha256": trained.get("data_sha256"),
                                "git": trained.get("git"), "created_at": trained.get("created_at"), "training_metrics": trained.get("metrics")},
                     "data_sha256": splits.data_sha256, "git": git_state(), "versions": package_versions()}
-        (staging/"metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        write_json(metadata, staging/METADATA_FILE)
     return metadata
 
 # %% ../nbs/04a_export.ipynb #d6db9a0b

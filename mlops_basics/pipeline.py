@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .artifacts import ArtifactsError, atomic_directory, read_metadata
+from .artifacts import ArtifactsError, atomic_directory, atomic_file, read_metadata, write_json
 from .data import (COLA_FILES, COLA_URL, COLA_ZIP_SHA256, ColaDataError, fingerprint_files, load_cola, locate_cola,
                                read_cola_files)
 from .inference import binary_metrics
@@ -38,7 +38,7 @@ def fetch_data(out_dir: str | Path, # the stage's output directory (e.g. data/co
                   "files": COLA_FILES}
     with atomic_directory(out_dir) as staging:
         for name, data in files.items(): (staging/name).write_bytes(data)
-        (staging/PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        write_json(provenance, staging/PROVENANCE_FILE)
     return provenance
 
 # %% ../nbs/03_versioning.ipynb #7f9a3bd6
@@ -58,8 +58,7 @@ def threshold_curves(scores: Sequence[float], # predicted probability of the pos
 # %% ../nbs/03_versioning.ipynb #9ce560cf
 def _write_csv(path: Path, columns: dict[str, Sequence]) -> None:
     "Write equal-length `columns` as a CSV file with a header."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as staging, open(staging, "w", newline="") as f:
         writer = csv.writer(f); writer.writerow(columns)
         writer.writerows(zip(*[[round(x, 6) if isinstance(x, float) else x for x in col] for col in columns.values()]))
 
@@ -82,7 +81,7 @@ def evaluate_serving(serving_dir: str | Path, # the serving directory to score
         metrics[f"mcc_{domain}"] = binary_metrics(np.array(labels)[mask], predicted[mask])["mcc"]
     metrics |= {"variant": predictor.variant, "model_version": predictor.version, "sentences": len(labels)}
     out_dir = Path(out_dir); (out_dir/"plots").mkdir(parents=True, exist_ok=True)
-    (out_dir/"metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(metrics, out_dir/"metrics.json")
     names = predictor.labels
     _write_csv(out_dir/"plots"/"confusion.csv", {"actual": [names[y] for y in labels], "predicted": [names[p] for p in predicted]})
     curves = threshold_curves(probabilities[:, 1], labels)

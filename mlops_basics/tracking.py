@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import netrc
 import os
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .artifacts import atomic_file, write_json
 from .data import LABELS, ColaExample
 from .inference import binary_metrics, confusion_matrix
 
@@ -93,8 +93,8 @@ def write_report(report: ValidationReport, # the report to keep
     "Write `report.json` and `misclassified.csv` into `directory`."
     directory = Path(directory); directory.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in report.to_dict().items() if k != "misclassified"} | {"n_misclassified": len(report.misclassified)}
-    (directory/"report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(directory/"misclassified.csv", "w", newline="") as f:
+    write_json(summary, directory/"report.json")
+    with atomic_file(directory/"misclassified.csv") as staging, open(staging, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["sentence", "label", "predicted", "p_acceptable", "domain", "source"])
         writer.writeheader(); writer.writerows(report.misclassified)
     return directory

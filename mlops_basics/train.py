@@ -23,6 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from .artifacts import read_json, write_json
+
 # train() writes the run's fingerprint into the checkpoint directory before Lightning looks at it.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
@@ -190,7 +192,7 @@ def prepare_checkpoint_dir(checkpoint_dir: str | Path, # the run's checkpoint di
     "`last.ckpt` to resume from, or `None` for a fresh start; anything else already there is moved aside, never deleted."
     checkpoint_dir = Path(checkpoint_dir)
     last, run_file = checkpoint_dir/"last.ckpt", checkpoint_dir/RUN_FILE
-    recorded = json.loads(run_file.read_text()).get("fingerprint") if run_file.exists() else None
+    recorded = read_json(run_file).get("fingerprint") if run_file.exists() else None
     if resume and last.exists() and recorded == fingerprint: return last
     if not owner: return None
     if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
@@ -198,7 +200,7 @@ def prepare_checkpoint_dir(checkpoint_dir: str | Path, # the run's checkpoint di
         shutil.move(checkpoint_dir, aside)
         logging.getLogger(__name__).warning("%s held checkpoints of another run; moved them to %s", checkpoint_dir, aside)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"fingerprint": fingerprint, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    write_json({"fingerprint": fingerprint, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, run_file)
     return None
 
 # %% ../nbs/02_config.ipynb #d474aa76

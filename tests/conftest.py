@@ -1,16 +1,12 @@
 """Shared set-up for the test suite: offline, quiet, on the shared CoLA copy, tiny models on one thread."""
-import contextlib
-import json
 import os
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from containers import free_port, http  # plain stdlib helpers, shared with the container tests
+# The shared helpers live in the package (nbs/97_test_utils.ipynb); the tests import them from here or from there.
+from mlops_basics.test_utils import TINY_TRAIN, moto_server as _moto_server, run_cli, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_COLA = ROOT.parent/"shared"/"data"/"cola"
@@ -22,8 +18,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # boto3 must never probe an instance metadata address
 if "MLOPS_COLA_PATH" not in os.environ and SHARED_COLA.exists(): os.environ["MLOPS_COLA_PATH"] = str(SHARED_COLA)
-
-BIN = Path(sys.executable).parent
 
 
 def pytest_configure(config):
@@ -45,16 +39,6 @@ def cola_zip(cola_path) -> Path:
     return zips[0]
 
 
-def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
-    "Run an installed console script (from this interpreter's bin directory)."
-    command = [str(BIN/args[0]), *map(str, args[1:])]
-    return subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
-
-
-TINY_TRAIN = ["model=tiny_random", "logger=none", "trainer.num_threads=1", "trainer.enable_progress_bar=false",
-              "trainer.enable_model_summary=false"]
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     "An artifacts directory of a tiny random model trained for a few batches by `mlops-train`."
@@ -71,21 +55,6 @@ def serving_dir(tiny_model_dir, tmp_path_factory) -> Path:
     proc = run_cli("mlops-export", tiny_model_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 120, errors: Path | None = None) -> dict:
-    "Poll `url`/health until it answers 200; fail at once, with the server's stderr (a pipe or the file `errors`), if the process exits."
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process is not None and process.poll() is not None:
-            stderr = errors.read_text() if errors else process.stderr.read().decode() if process.stderr else ""
-            raise AssertionError(f"server exited with {process.returncode}: {stderr[-3000:]}")
-        try:
-            status, _, body = http("GET", f"{url}/health", timeout=2)
-            if status == 200: return json.loads(body)
-        except OSError: pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} did not become healthy in {timeout} s")
 
 
 def workflow_job(workflow: str, # the file name under .github/workflows, e.g. deploy.yml
@@ -118,67 +87,17 @@ def run_workflow_step(script: str, # from `workflow_step`
                           capture_output=True, text=True, timeout=timeout)
 
 
-def json_lines(text: str, # a log, as printed
-               source: str = "output", # what it is, for the assertion message
-              ) -> list[dict]:
-    "Every line of `text` parsed as one JSON object; an assertion names the first line that is not one."
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        try: record = json.loads(line)
-        except ValueError: record = None
-        assert isinstance(record, dict), f"{source}, line {number}, is not a JSON object: {line[:300]!r}"
-        records.append(record)
-    return records
-
-
-@contextlib.contextmanager
-def running_server(*args, log: Path, errors: Path | None = None):
-    "`mlops-serve *args` on a free 127.0.0.1 port, one ONNX Runtime thread; yields its base URL, stdout going to `log` (stderr to `errors`)."
-    port = free_port()
-    with open(log, "wb") as out, open(errors or os.devnull, "wb") as err:
-        proc = subprocess.Popen([str(BIN/"mlops-serve"), *map(str, args), "--port", str(port)], stdout=out,
-                                stderr=err if errors else subprocess.PIPE, env={**os.environ, "MLOPS_THREADS": "1"})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_healthy(url, proc, errors=errors)
-            yield url
-        finally:
-            proc.terminate(); proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def server(serving_dir, tmp_path_factory):
     "`mlops-serve` on a free port; yields (base URL, path of its stdout log)."
     log = tmp_path_factory.mktemp("server")/"stdout.log"
-    with running_server("--serving-dir", serving_dir, "--max-batch", "16", log=log) as url: yield url, log
+    with serve("--serving-dir", serving_dir, "--max-batch", "16", log=log) as url: yield url, log
 
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory):
     "A moto server (AWS stand-in) on 127.0.0.1 and a free port; yields its URL, with dummy credentials in the environment."
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto")/"moto.log"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "eu-west-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN/"moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 60
-            while True:
-                if proc.poll() is not None: raise AssertionError(f"moto_server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-                try:
-                    with urllib.request.urlopen(f"{url}/moto-api/", timeout=2): break
-                except OSError:
-                    if time.time() > deadline: raise AssertionError("moto_server did not start in 60 s")
-                    time.sleep(0.3)
-            yield url
-        finally:
-            proc.terminate(); proc.wait(timeout=30)
-            for k, v in saved.items():
-                if v is None: os.environ.pop(k, None)
-                else: os.environ[k] = v
+    with _moto_server(tmp_path_factory.mktemp("moto")/"moto.log") as url: yield url
 
 
 @pytest.fixture(scope="session")
@@ -186,7 +105,7 @@ def image(serving_dir, tmp_path_factory):
     "The serving image built from a temporary context with the tiny model; the build secret is the host CA bundle plus a canary line."
     import uuid
     from types import SimpleNamespace
-    from containers import CA_BUNDLE, build_image, ensure_base_image, make_build_context, remove_image
+    from mlops_basics.test_containers import CA_BUNDLE, build_image, ensure_base_image, make_build_context, remove_image
     base = ensure_base_image()
     work = tmp_path_factory.mktemp("image")
     context = make_build_context(serving_dir, work/"context")

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
+from mlops_basics.test_utils import run_cli
 
 
 def test_suite_reports_every_capability_on_the_tiny_model(serving_dir, tmp_path):
@@ -91,15 +92,3 @@ print(json.dumps(sorted({{"torch", "transformers", "lightning", "pytorch_lightni
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
-
-
-def test_write_json_leaves_nothing_half_written(tmp_path):
-    "A write that fails (the target is a directory, the data is not JSON) leaves the old file and no staging file."
-    from mlops_basics.behaviour import write_json
-    target = tmp_path/"report.json"
-    write_json({"v": 1}, target)
-    (tmp_path/"taken").mkdir(); (tmp_path/"taken"/"keep.txt").write_text("")
-    with pytest.raises(IsADirectoryError): write_json({"v": 2}, tmp_path/"taken")
-    with pytest.raises(TypeError): write_json({"v": object()}, target)
-    assert json.loads(target.read_text()) == {"v": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "taken"]

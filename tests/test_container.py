@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, json_lines
-from containers import (BASE_IMAGE, CA_BUNDLE, CONTEXT_FILES, free_port, http, make_build_context, podman, podman_env, remove_container,
-                        run_http_container, run_lambda_container, wait_for_http)
+from conftest import ROOT
+from mlops_basics.test_utils import BIN, free_port, http, json_lines, wait_for_http
+from mlops_basics.test_containers import (BASE_IMAGE, CA_BUNDLE, CONTEXT_FILES, make_build_context, podman, podman_env, remove_container,
+                                           run_http_container, run_lambda_container)
 
 EVENTS = Path(__file__).parent/"events"
 HEAVY = {"torch", "transformers", "lightning", "pytorch-lightning", "torchmetrics"}

@@ -57,34 +57,9 @@ def test_zip_and_directory_give_the_same_splits(cola_path, cola_zip):
     assert from_zip.train == from_dir.train and from_zip.validation == from_dir.validation
 
 
-def _rezip(src, dst, edit):
-    "Copy the release zip, applying `edit(name, data)` to each member."
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for item in zin.infolist(): zout.writestr(item, edit(item.filename, zin.read(item.filename)))
-    return dst
-
-
-def test_malformed_row_names_file_and_line(cola_zip, tmp_path):
-    def break_row(name, data):
-        return data.replace(b"\t1\t\t", b"\t1\t", 1) if name.endswith("raw/in_domain_dev.tsv") else data
-    bad = _rezip(cola_zip, tmp_path/"bad.zip", break_row)
-    with pytest.raises(ColaDataError, match=r"in_domain_dev.tsv: sha256 mismatch"):
-        load_cola(bad)
-    with pytest.raises(ColaDataError, match=r"in_domain_dev.tsv, line 1: expected 4 tab-separated columns"):
-        load_cola(bad, verify=False)
-
-
-def test_missing_member_and_corrupt_zip(cola_zip, tmp_path):
+def test_zip_without_a_member_names_it(cola_zip, tmp_path):
     with zipfile.ZipFile(cola_zip) as zin, zipfile.ZipFile(tmp_path/"partial.zip", "w") as zout:
         for item in zin.infolist():
             if "out_of_domain" not in item.filename: zout.writestr(item, zin.read(item.filename))
     with pytest.raises(ColaDataError, match=r"partial.zip: the zip has no raw/out_of_domain_dev.tsv"):
         read_cola_files(tmp_path/"partial.zip")
-    (tmp_path/"junk.zip").write_bytes(b"PK\x03\x04 not really")
-    with pytest.raises(ColaDataError, match="junk.zip: not a readable zip file"):
-        read_cola_files(tmp_path/"junk.zip")
-
-
-def test_missing_path_names_it(tmp_path):
-    with pytest.raises(ColaDataError, match=f"CoLA data not found at {tmp_path}/nope"):
-        load_cola(tmp_path/"nope")

@@ -4,7 +4,8 @@ import shutil
 import subprocess
 import sys
 
-from conftest import BIN, ROOT
+from conftest import ROOT
+from mlops_basics.test_utils import BIN
 
 
 def test_notebooks_preprocess_and_render_to_html(tmp_path):

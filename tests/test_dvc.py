@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, workflow_step
-from containers import http
+from conftest import ROOT, workflow_step
+from mlops_basics.test_utils import BIN, http
 
 pytestmark = pytest.mark.slow
 

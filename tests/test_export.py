@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from mlops_basics.test_utils import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,8 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT, run_workflow_step, workflow_job
+from conftest import ROOT, run_workflow_step, workflow_job
+from mlops_basics.test_utils import BIN
 
 
 def run(*args) -> subprocess.CompletedProcess:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, free_port, http, run_cli, wait_until_healthy
+from conftest import ROOT
+from mlops_basics.test_utils import BIN, free_port, http, process_stopped, run_cli, wait_for_http
 
 SENTENCES = ["The cat sat on the mat.", "Mat the on sat cat.", "She has finished her homework.", "Who do you think left?",
              "The book was written by John.", "Colorless green ideas sleep furiously."]
@@ -31,7 +32,7 @@ def app_log(serving_dir, tmp_path_factory) -> Path:
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MLOPS_THREADS": "1"})
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_until_healthy(url, proc)
+            wait_for_http(f"{url}/health", stopped=process_stopped(proc))
             for i in range(12):
                 body = json.dumps({"sentences": SENTENCES[i % 6: i % 6 + 1 + i % 3]}).encode()
                 assert http("POST", f"{url}/predict", body, {"Content-Type": "application/json", "X-Request-ID": f"req-{i}"})[0] == 200
@@ -180,7 +181,7 @@ def test_bulk_indexing_sends_valid_ndjson(app_log, bulk_server):
     assert [d["status"] for d in requests if d["request_id"] == "bad-1"] == [422]
     assert {(d["error"], d["client_error"]) for d in requests if d["request_id"] == "bad-1"} == {(0, 1)}
     assert all(0 <= d["p_acceptable"] <= 1 and d["label"] in ("acceptable", "unacceptable") and d["model"] == "main" for d in predictions)
-    from mlops_basics.monitoring import index_template
+    from mlops_basics.shipping import index_template
     mapped = set(index_template()["template"]["mappings"]["properties"])
     assert set().union(*docs) <= mapped  # the template is strict: any other field would be refused
     # Shipping the same lines again sends the same ids: documents are overwritten, not duplicated.
@@ -206,7 +207,7 @@ def test_bulk_retries_when_busy_and_reports_refused_documents(app_log, bulk_serv
 
 def test_ship_makes_the_prediction_rows_of_each_record_once(app_log, bulk_server, monkeypatch):
     "The rows `ship` returns are the ones it indexes: `prediction_rows` runs once per record, not again in `to_documents`."
-    from mlops_basics import monitoring
+    from mlops_basics import shipping as monitoring  # patched where `ship` looks it up
     calls = []
     def counted(records):
         records = list(records); calls.append(len(records))
@@ -220,19 +221,14 @@ def test_ship_makes_the_prediction_rows_of_each_record_once(app_log, bulk_server
     assert stats.indexed == len(indexed) == stats.records + len(rows)
 
 
-def test_writers_leave_nothing_half_written(tmp_path):
-    "A failed write (the target is a directory, a row is not JSON) keeps the old file and leaves no staging file."
-    from mlops_basics.monitoring import read_jsonl, write_jsonl
-    window = write_jsonl([{"a": 1}], tmp_path/"window.jsonl")
-    with pytest.raises(TypeError): write_jsonl([{"a": 2}, {"a": object()}], window)
-    assert read_jsonl(window) == [{"a": 1}]
+def test_console_scripts_refuse_a_directory_as_output(tmp_path):
+    "A directory where an output file should go is a one-line error (exit 2), and it is left as it was, with no staging file."
     (tmp_path/"taken").mkdir(); (tmp_path/"taken"/"keep.txt").write_text("")
-    with pytest.raises(IsADirectoryError): write_jsonl([{"a": 3}], tmp_path/"taken")
     proc = run_cli("mlops-monitor", "kibana", "--out", tmp_path/"taken")
     assert proc.returncode == 2 and "Is a directory" in proc.stderr, proc.stderr
     proc = run_cli("mlops-ship", ROOT/"README.md", "--window", tmp_path/"taken")
     assert proc.returncode == 2 and "Is a directory" in proc.stderr, proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "window.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and [p.name for p in (tmp_path/"taken").iterdir()] == ["keep.txt"]
 
 
 def test_kibana_export_and_index_template_are_current_and_consistent(tmp_path):
@@ -241,7 +237,7 @@ def test_kibana_export_and_index_template_are_current_and_consistent(tmp_path):
     shipped = ROOT/"monitoring"/"kibana"/"dashboard.ndjson"
     assert (tmp_path/"dashboard.ndjson").read_text() == shipped.read_text()
     assert json.loads((tmp_path/"template.json").read_text()) == json.loads((ROOT/"monitoring"/"elasticsearch"/"index-template.json").read_text())
-    from mlops_basics.monitoring import check_saved_objects
+    from mlops_basics.dashboards import check_saved_objects
     assert check_saved_objects(shipped.read_text()) == []
     objects = [json.loads(l) for l in shipped.read_text().splitlines()]
     assert [o["type"] for o in objects].count("visualization") == 5 and objects[-1]["type"] == "dashboard"
@@ -260,7 +256,8 @@ def reference(serving_dir, tmp_path_factory) -> Path:
 
 
 def profile_window(serving_dir, sentences, path: Path) -> Path:
-    from mlops_basics.monitoring import profile_sentences, write_jsonl
+    from mlops_basics.artifacts import write_jsonl
+    from mlops_basics.drift import profile_sentences
     from mlops_basics.predictor import ONNXPredictor
     rows = profile_sentences(sentences, ONNXPredictor(serving_dir))
     return write_jsonl([{**r, "request_id": f"r{i}", "index": 0, "timestamp": "2026-11-27T12:00:00.000+00:00"} for i, r in enumerate(rows)], path)
@@ -275,7 +272,7 @@ def drift(serving_dir, reference, window, out, *extra) -> tuple[int, dict]:
 def test_drift_passes_in_domain_and_fails_on_corrupted_inputs(serving_dir, reference, tmp_path):
     import numpy as np
     from mlops_basics.data import load_cola
-    from mlops_basics.monitoring import corrupt
+    from mlops_basics.drift import corrupt
     splits = load_cola()
     in_domain = [e.sentence for e, d in zip(splits.validation, splits.domains) if d == "in_domain"]
     code, summary = drift(serving_dir, reference, profile_window(serving_dir, in_domain[:400], tmp_path/"in.jsonl"), tmp_path/"in")
@@ -296,7 +293,7 @@ def test_drift_passes_in_domain_and_fails_on_corrupted_inputs(serving_dir, refer
 
 def test_prediction_drift_and_concept_drift(serving_dir, reference, tmp_path):
     "Prediction drift from a window whose scores and labels moved; concept drift from feedback that stopped agreeing."
-    from mlops_basics.monitoring import write_jsonl
+    from mlops_basics.artifacts import write_jsonl
     rows = [json.loads(l) for l in reference.read_text().splitlines()][:400]
     window = [{**r, "request_id": f"r{i}", "index": 0} for i, r in enumerate(rows)]
     share = sum(r["label"] == "acceptable" for r in rows) / len(rows)
@@ -322,7 +319,8 @@ def test_prediction_drift_and_concept_drift(serving_dir, reference, tmp_path):
 
 
 def test_drift_report_tokenizes_each_sentence_once_and_writes_atomically(reference, tmp_path):
-    from mlops_basics.monitoring import drift_report, read_jsonl
+    from mlops_basics.artifacts import read_jsonl
+    from mlops_basics.drift import drift_report
     rows = read_jsonl(reference)
     window = [{**r, "request_id": f"r{i}", "index": 0} for i, r in enumerate(rows[:60])]
     seen = []
@@ -342,7 +340,9 @@ def test_monitoring_and_shipper_never_import_torch(serving_dir, reference, app_l
     probe = f"""
 import json, sys
 from pathlib import Path
-from mlops_basics.monitoring import drift_report, profile_sentences, read_jsonl, read_log_lines, ship
+from mlops_basics.artifacts import read_jsonl
+from mlops_basics.drift import drift_report, profile_sentences
+from mlops_basics.shipping import read_log_lines, ship
 stats, rows = ship(read_log_lines({str(app_log)!r}))
 from mlops_basics.predictor import ONNXPredictor
 p = ONNXPredictor({str(serving_dir)!r})

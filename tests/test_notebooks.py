@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT
+from conftest import ROOT
+from mlops_basics.test_utils import BIN
 
 NOTEBOOKS = sorted(p for p in (ROOT/"nbs").glob("*.ipynb") if not p.name.startswith("_"))
 

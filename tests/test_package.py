@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, run_cli
-from containers import free_port
+from conftest import ROOT
+from mlops_basics.test_utils import BIN, free_port, run_cli
 
 
 @pytest.fixture(scope="session")

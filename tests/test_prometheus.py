@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, free_port, http, wait_until_healthy
+from conftest import ROOT
+from mlops_basics.test_utils import BIN, free_port, http, process_stopped, wait_for_http
 from mlops_basics.app import LATENCY_BUCKETS
 
 RULES = ROOT/"monitoring"/"prometheus"
@@ -115,7 +116,7 @@ scrape_configs:
                                    stdout=out, stderr=subprocess.PIPE, env={**os.environ, "MLOPS_THREADS": "1"})
         processes.append(app)
         app_url = f"http://127.0.0.1:{app_port}"
-        wait_until_healthy(app_url, app)
+        wait_for_http(f"{app_url}/health", stopped=process_stopped(app))
         with open(tmp_path/"prometheus.log", "wb") as out:
             prom = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path/'data'}",
                                      f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"], stdout=out, stderr=subprocess.STDOUT)
@@ -136,7 +137,7 @@ scrape_configs:
 
 def test_prometheus_scrapes_the_app_and_promql_gives_what_the_traffic_implies(served_and_scraped):
     "Each of `monitoring.PROMQL`'s queries, asked of a live Prometheus, gives what the test's own traffic implies."
-    from mlops_basics.monitoring import PROMQL, promql
+    from mlops_basics.dashboards import PROMQL, promql
     app, prom, app_log = served_and_scraped
     wait_for(lambda: query(prom, 'up{job="mlops-serve"} == 1', time.time()), "the app's target to be up")
     post = lambda sentences, rid: http("POST", f"{app}/predict", json.dumps({"sentences": sentences}).encode(),

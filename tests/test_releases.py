@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from conftest import free_port, http, run_cli, running_server
+from mlops_basics.test_utils import free_port, http, run_cli, serve
 from mlops_basics.releases import (AliasState, CanaryPolicy, LambdaRelease, VariantMetrics, ab_compare, decide, run_canary,
                                    variant_metrics)
 
@@ -157,7 +157,7 @@ def test_ab_compare():
 def ab_server(serving_dir, tmp_path_factory):
     "`mlops-serve` with two models (fp32 as a, int8 as b), a live, split 50/50; yields (URL, stdout log)."
     log = tmp_path_factory.mktemp("ab")/"stdout.log"
-    with running_server("--model", f"a={serving_dir}@fp32", "--model", f"b={serving_dir}@int8", "--live", "a", "--ab-split", "a=50,b=50",
+    with serve("--model", f"a={serving_dir}@fp32", "--model", f"b={serving_dir}@int8", "--live", "a", "--ab-split", "a=50,b=50",
                         log=log) as url:
         yield url, log
 

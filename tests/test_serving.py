@@ -1,7 +1,6 @@
 """The serving side from outside: `mlops-serve` over real HTTP, its page in Chromium, schemathesis, the Lambda handler,
 and a fresh virtual environment with only the serve extra."""
 import json
-import logging
 import os
 import re
 import shutil
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, free_port, http, json_lines, run_cli, running_server
+from conftest import ROOT
+from mlops_basics.test_utils import BIN, free_port, http, json_lines, run_cli, serve
 
 
 JSON = {"Content-Type": "application/json"}
@@ -92,38 +92,6 @@ def test_chunked_body_over_the_limit_gets_413(server):
 class FailingSession:
     "Stands in for an ONNX Runtime session that has started to fail."
     def run(self, *args, **kwargs): raise RuntimeError("the ONNX session failed")
-
-
-@pytest.fixture
-def request_log():
-    "The request log lines written while the test runs, as dicts."
-    from mlops_basics.app import REQUEST_LOGGER, configure_request_logging
-    configure_request_logging()
-    lines = []
-    class Collect(logging.Handler):
-        def emit(self, record): lines.append(json.loads(record.getMessage()))
-    handler = Collect()
-    logging.getLogger(REQUEST_LOGGER).addHandler(handler)
-    try: yield lines
-    finally: logging.getLogger(REQUEST_LOGGER).removeHandler(handler)
-
-
-def test_a_failing_model_is_a_json_500_counted_and_logged(serving_dir, request_log):
-    from fastapi.testclient import TestClient
-    from mlops_basics.app import ServeSettings, create_app
-    from mlops_basics.predictor import ONNXPredictor
-    predictor = ONNXPredictor(serving_dir, threads=1)
-    client = TestClient(create_app(ServeSettings(serving_dir=str(serving_dir)), predictor=predictor))
-    predictor.session = FailingSession()  # after the app's warm-up prediction
-    response = client.post("/predict", json={"sentences": ["She sang."]}, headers={"X-Request-ID": "fails-1"})
-    assert response.status_code == 500 and response.headers["x-request-id"] == "fails-1"
-    assert response.json() == {"detail": "internal error", "request_id": "fails-1"}
-    metrics = client.get("/metrics").text
-    assert 'mlops_requests_total{method="POST",route="/predict",status="500"} 1.0' in metrics
-    assert 'mlops_model_requests_total{assigned="live",model="main",status="500"} 1.0' in metrics
-    [line] = [l for l in request_log if l["request_id"] == "fails-1"]
-    assert line["status"] == 500 and line["error"] == "RuntimeError: the ONNX session failed"
-    assert line["traceback"].startswith("Traceback") and "the ONNX session failed" in line["traceback"]
 
 
 def test_predict_tokenizes_each_sentence_once(serving_dir):
@@ -283,7 +251,7 @@ print(json.dumps({{"heavy": sorted({{'torch', 'transformers', 'pytorch_lightning
 def test_every_line_the_server_prints_is_json(serving_dir, tmp_path, workers):
     "stdout and stderr of `mlops-serve`, from start-up to shutdown, with good, bad and unknown requests in between: JSON lines only."
     out, err = tmp_path/"stdout.log", tmp_path/"stderr.log"
-    with running_server("--serving-dir", serving_dir, "--workers", workers, log=out, errors=err) as url:
+    with serve("--serving-dir", serving_dir, "--workers", workers, log=out, errors=err) as url:
         assert http("POST", f"{url}/predict", json.dumps({"sentences": ["She sang."]}).encode(), JSON)[0] == 200
         assert http("POST", f"{url}/predict", b"{not json", JSON)[0] == 400
         assert http("GET", f"{url}/no-such-page")[0] == 404
@@ -299,7 +267,7 @@ def test_every_line_the_server_prints_is_json(serving_dir, tmp_path, workers):
 
 def test_every_line_the_lambda_runtime_client_prints_is_json(serving_dir, tmp_path):
     "The handler under the real runtime client (awslambdaric, JSON log format as the image sets it), answering and failing: JSON lines only."
-    from containers import LambdaRuntimeAPI
+    from mlops_basics.test_containers import LambdaRuntimeAPI
     def invoke(serving: Path, log: Path):
         with LambdaRuntimeAPI() as api, open(log, "wb") as out:
             env = {**os.environ, "AWS_LAMBDA_RUNTIME_API": api.address, "AWS_LAMBDA_LOG_FORMAT": "JSON", "MLOPS_SERVING_DIR": str(serving),
