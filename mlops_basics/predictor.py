@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from fastcore.basics import patch
 from tokenizers import Encoding, Tokenizer
 
 from .artifacts import ArtifactsError, read_metadata
@@ -88,31 +89,41 @@ class ONNXPredictor(BasePredictor):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.unknown_id = self.tokenizer.token_to_id("[UNK]")  # None for a vocabulary without one: then nothing counts as unknown
 
-    @property
-    def version(self) -> str:
-        "A short identifier of the loaded model: the first 12 hex digits of its file's sha256, and the variant."
-        return f"{self.metadata['variants'][self.variant]['sha256'][:12]}-{self.variant}"
+# %% ../nbs/04b_predictor.ipynb #1e687880
+@patch(as_prop=True)
+def version(self: ONNXPredictor) -> str:
+    "A short identifier of the loaded model: the first 12 hex digits of its file's sha256, and the variant."
+    return f"{self.metadata['variants'][self.variant]['sha256'][:12]}-{self.variant}"
 
-    def encoded_logits(self, encodings: list[Encoding]) -> np.ndarray:
-        "Logits of one batch of encodings, shape (len(encodings), n_labels)."
-        arrays = encodings_to_arrays(encodings)
-        return self.session.run(["logits"], {name: arrays[name] for name in self.input_names})[0]
+# %% ../nbs/04b_predictor.ipynb #2c6b6fc1
+@patch
+def encoded_logits(self: ONNXPredictor, encodings: list[Encoding]) -> np.ndarray:
+    "Logits of one batch of encodings, shape (len(encodings), n_labels)."
+    arrays = encodings_to_arrays(encodings)
+    return self.session.run(["logits"], {name: arrays[name] for name in self.input_names})[0]
 
-    def batch_logits(self, sentences: list[str]) -> np.ndarray:
-        return self.encoded_logits(self.tokenizer.encode_batch(sentences))
+@patch
+def batch_logits(self: ONNXPredictor, sentences: list[str]) -> np.ndarray:
+    "Logits of a batch of sentences."
+    return self.encoded_logits(self.tokenizer.encode_batch(sentences))
 
-    def encoded_stats(self, encodings: list[Encoding]) -> list[tuple[int, int]]:
-        "(tokens, unknown tokens) of each encoding, padding left out."
-        return [(sum(e.attention_mask), e.ids.count(self.unknown_id)) for e in encodings]
+# %% ../nbs/04b_predictor.ipynb #591b1cfe
+@patch
+def encoded_stats(self: ONNXPredictor, encodings: list[Encoding]) -> list[tuple[int, int]]:
+    "(tokens, unknown tokens) of each encoding, padding left out."
+    return [(sum(e.attention_mask), e.ids.count(self.unknown_id)) for e in encodings]
 
-    def token_stats(self, sentences: str | list[str]) -> list[tuple[int, int]]:
-        "(tokens, unknown tokens) of each sentence, truncation included: what monitoring watches for drift."
-        return self.encoded_stats(self.tokenizer.encode_batch(as_sentences(sentences)))
+@patch
+def token_stats(self: ONNXPredictor, sentences: str | list[str]) -> list[tuple[int, int]]:
+    "(tokens, unknown tokens) of each sentence, truncation included: what monitoring watches for drift."
+    return self.encoded_stats(self.tokenizer.encode_batch(as_sentences(sentences)))
 
-    def predict_with_stats(self, sentences: str | list[str]) -> tuple[list[Prediction], list[tuple[int, int]]]:
-        "`predict` and `token_stats` together, tokenizing each sentence once: what the app calls."
-        items, logits, stats = as_sentences(sentences), [np.zeros((0, len(self.labels)), dtype=np.float32)], []
-        for start in range(0, len(items), self.batch_size):
-            encodings = self.tokenizer.encode_batch(items[start:start + self.batch_size])
-            logits.append(self.encoded_logits(encodings)); stats += self.encoded_stats(encodings)
-        return predictions_from_logits(np.concatenate(logits), self.labels), stats
+# %% ../nbs/04b_predictor.ipynb #52310c23
+@patch
+def predict_with_stats(self: ONNXPredictor, sentences: str | list[str]) -> tuple[list[Prediction], list[tuple[int, int]]]:
+    "`predict` and `token_stats` together, tokenizing each sentence once: what the app calls."
+    items, logits, stats = as_sentences(sentences), [np.zeros((0, len(self.labels)), dtype=np.float32)], []
+    for start in range(0, len(items), self.batch_size):
+        encodings = self.tokenizer.encode_batch(items[start:start + self.batch_size])
+        logits.append(self.encoded_logits(encodings)); stats += self.encoded_stats(encodings)
+    return predictions_from_logits(np.concatenate(logits), self.labels), stats

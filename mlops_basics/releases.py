@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from fastcore.basics import patch
+
 from .deploy import point_alias, publish_version, wait_until_updated
 
 # %% auto #0
@@ -92,54 +94,65 @@ class LambdaRelease:
                 ):
         self.client, self.function, self.alias = client, function, alias
 
-    def publish(self, zip_file: bytes | None = None, # a deployment package, or
-                image_uri: str | None = None, # a container image URI (ECR)
-                description: str = "", # the version's description, e.g. the model version
-               ) -> str:
-        "Upload new code and publish it as a version; returns the version number."
-        if (zip_file is None) == (image_uri is None): raise ValueError("give a zip file or an image URI, not both")
-        code = {"ZipFile": zip_file} if zip_file is not None else {"ImageUri": image_uri}
-        self.client.update_function_code(FunctionName=self.function, **code)
-        wait_until_updated(self.client, self.function)
-        return publish_version(self.client, self.function, description)
+# %% ../nbs/10_releases.ipynb #fc6de9b0
+@patch
+def publish(self: LambdaRelease, zip_file: bytes | None = None, # a deployment package, or
+            image_uri: str | None = None, # a container image URI (ECR)
+            description: str = "", # the version's description, e.g. the model version
+           ) -> str:
+    "Upload new code and publish it as a version; returns the version number."
+    if (zip_file is None) == (image_uri is None): raise ValueError("give a zip file or an image URI, not both")
+    code = {"ZipFile": zip_file} if zip_file is not None else {"ImageUri": image_uri}
+    self.client.update_function_code(FunctionName=self.function, **code)
+    wait_until_updated(self.client, self.function)
+    return publish_version(self.client, self.function, description)
 
-    def state(self) -> AliasState:
-        "Where the alias sends traffic now."
-        alias = self.client.get_alias(FunctionName=self.function, Name=self.alias)
-        weights = (alias.get("RoutingConfig") or {}).get("AdditionalVersionWeights") or {}
-        canary, weight = next(iter(weights.items()), (None, 0.0))
-        return AliasState(alias["FunctionVersion"], canary, float(weight))
+# %% ../nbs/10_releases.ipynb #ddf6e4e1
+@patch
+def state(self: LambdaRelease) -> AliasState:
+    "Where the alias sends traffic now."
+    alias = self.client.get_alias(FunctionName=self.function, Name=self.alias)
+    weights = (alias.get("RoutingConfig") or {}).get("AdditionalVersionWeights") or {}
+    canary, weight = next(iter(weights.items()), (None, 0.0))
+    return AliasState(alias["FunctionVersion"], canary, float(weight))
 
-    def point(self, version: str, # the version the alias should point at
-             ) -> AliasState:
-        "Point the alias at `version` with all the traffic, creating it the first time."
-        point_alias(self.client, self.function, self.alias, version)
-        return self.state()
+@patch
+def point(self: LambdaRelease, version: str, # the version the alias should point at
+         ) -> AliasState:
+    "Point the alias at `version` with all the traffic, creating it the first time."
+    point_alias(self.client, self.function, self.alias, version)
+    return self.state()
 
-    def set_canary(self, version: str, # the new version
-                   weight: float, # its share of invocations, between 0 and 1
-                  ) -> AliasState:
-        "Send `weight` of the alias's invocations to `version`, the rest to the stable version."
-        if not 0 < weight < 1: raise ValueError(f"a canary weight is between 0 and 1 (exclusive), got {weight}")
-        stable = self.state().stable
-        if version == stable: raise ValueError(f"version {version} is already the stable version")
-        point_alias(self.client, self.function, self.alias, stable, extra_weights={version: weight})
-        return AliasState(stable, version, weight)
-
-    def promote(self) -> AliasState:
-        "Make the canary the stable version, with all the traffic."
-        state = self.state()
-        if state.canary is None: raise ValueError(f"alias {self.alias} has no canary to promote")
-        return self.point(state.canary)
-
-    def rollback(self) -> AliasState:
-        "Send all traffic back to the stable version."
-        return self.point(self.state().stable)
-
-    def switch(self, version: str, # the version that takes all traffic (green)
+# %% ../nbs/10_releases.ipynb #dd84958f
+@patch
+def set_canary(self: LambdaRelease, version: str, # the new version
+               weight: float, # its share of invocations, between 0 and 1
               ) -> AliasState:
-        "Blue/green: move all traffic to `version` at once (switch back with the old version number)."
-        return self.point(version)
+    "Send `weight` of the alias's invocations to `version`, the rest to the stable version."
+    if not 0 < weight < 1: raise ValueError(f"a canary weight is between 0 and 1 (exclusive), got {weight}")
+    stable = self.state().stable
+    if version == stable: raise ValueError(f"version {version} is already the stable version")
+    point_alias(self.client, self.function, self.alias, stable, extra_weights={version: weight})
+    return AliasState(stable, version, weight)
+
+@patch
+def promote(self: LambdaRelease) -> AliasState:
+    "Make the canary the stable version, with all the traffic."
+    state = self.state()
+    if state.canary is None: raise ValueError(f"alias {self.alias} has no canary to promote")
+    return self.point(state.canary)
+
+@patch
+def rollback(self: LambdaRelease) -> AliasState:
+    "Send all traffic back to the stable version."
+    return self.point(self.state().stable)
+
+# %% ../nbs/10_releases.ipynb #d362d022
+@patch
+def switch(self: LambdaRelease, version: str, # the version that takes all traffic (green)
+          ) -> AliasState:
+    "Blue/green: move all traffic to `version` at once (switch back with the old version number)."
+    return self.point(version)
 
 # %% ../nbs/10_releases.ipynb #d89e0ec2
 @dataclass

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from fastcore.basics import patch
+
 from .artifacts import write_jsonl
 
 # %% auto #0
@@ -161,62 +163,71 @@ class BulkIndexer:
         self.pending: list[tuple[dict, dict]] = []
         self.indexed, self.batches, self.resent, self.failures = 0, 0, 0, []
 
-    def _post(self, path: str, body: bytes, content_type: str | None = None, method: str = "POST") -> dict[str, Any]:
-        "One HTTP request, retried while the cluster says it is busy."
-        headers = {**self.headers, **({"Content-Type": content_type} if content_type else {})}
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
-            if attempt: self.resent += 1
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response: return json.loads(response.read() or b"{}")
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:500].decode(errors="replace")
-                if e.code in (429, 503) and attempt < self.retries: time.sleep(self.backoff_s * 2**attempt); continue
-                raise BulkError(f"{method} {self.base}{path} answered {e.code}: {detail}") from None
-            except (urllib.error.URLError, OSError) as e:
-                raise BulkError(f"could not reach {self.base}: {e}") from None
+# %% ../nbs/09a_shipping.ipynb #b1ed9a2e
+@patch
+def _post(self: BulkIndexer, path: str, body: bytes, content_type: str | None = None, method: str = "POST") -> dict[str, Any]:
+    "One HTTP request, retried while the cluster says it is busy."
+    headers = {**self.headers, **({"Content-Type": content_type} if content_type else {})}
+    for attempt in range(self.retries + 1):
+        request = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
+        if attempt: self.resent += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response: return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:500].decode(errors="replace")
+            if e.code in (429, 503) and attempt < self.retries: time.sleep(self.backoff_s * 2**attempt); continue
+            raise BulkError(f"{method} {self.base}{path} answered {e.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise BulkError(f"could not reach {self.base}: {e}") from None
 
-    def put_template(self, name: str = INDEX_PREFIX, # the template's name
-                     template: dict[str, Any] | None = None, # the template; None: `index_template()`
-                    ) -> dict[str, Any]:
-        "Install the index template (PUT _index_template/NAME)."
-        return self._post(f"/_index_template/{name}", json.dumps(template or index_template()).encode(), "application/json", "PUT")
+# %% ../nbs/09a_shipping.ipynb #2f9e8a9d
+@patch
+def put_template(self: BulkIndexer, name: str = INDEX_PREFIX, # the template's name
+                 template: dict[str, Any] | None = None, # the template; None: `index_template()`
+                ) -> dict[str, Any]:
+    "Install the index template (PUT _index_template/NAME)."
+    return self._post(f"/_index_template/{name}", json.dumps(template or index_template()).encode(), "application/json", "PUT")
 
-    def add(self, action: dict[str, Any], # a bulk action, e.g. {"index": {"_index": ..., "_id": ...}}
-            document: dict[str, Any], # the document
-           ) -> None:
-        "Queue one document; a full batch is sent at once."
-        self.pending.append((action, document))
-        if len(self.pending) >= self.batch_docs: self.flush()
+# %% ../nbs/09a_shipping.ipynb #e939b586
+@patch
+def add(self: BulkIndexer, action: dict[str, Any], # a bulk action, e.g. {"index": {"_index": ..., "_id": ...}}
+        document: dict[str, Any], # the document
+       ) -> None:
+    "Queue one document; a full batch is sent at once."
+    self.pending.append((action, document))
+    if len(self.pending) >= self.batch_docs: self.flush()
 
-    def flush(self) -> None:
-        "Send what is queued; items refused as busy are sent again, other refusals are kept in `failures`."
-        batch, self.pending = self.pending, []
-        if batch: self.batches += 1
-        for attempt in range(self.retries + 1):
-            if not batch: return
-            if attempt: self.resent += 1
-            answer = self._post("/_bulk", bulk_body(batch))
-            if not answer.get("errors"):
-                self.indexed += len(batch); return
-            busy = []
-            for pair, item in zip(batch, answer.get("items", [])):
-                result = next(iter(item.values()))
-                if result.get("status", 500) < 300: self.indexed += 1
-                elif result["status"] == 429 and attempt < self.retries: busy.append(pair)
-                else: self.failures.append({"_id": pair[0]["index"].get("_id"), "status": result.get("status"), "error": result.get("error")})
-            batch = busy
-            if batch: time.sleep(self.backoff_s * 2**attempt)
+@patch
+def flush(self: BulkIndexer) -> None:
+    "Send what is queued; items refused as busy are sent again, other refusals are kept in `failures`."
+    batch, self.pending = self.pending, []
+    if batch: self.batches += 1
+    for attempt in range(self.retries + 1):
+        if not batch: return
+        if attempt: self.resent += 1
+        answer = self._post("/_bulk", bulk_body(batch))
+        if not answer.get("errors"):
+            self.indexed += len(batch); return
+        busy = []
+        for pair, item in zip(batch, answer.get("items", [])):
+            result = next(iter(item.values()))
+            if result.get("status", 500) < 300: self.indexed += 1
+            elif result["status"] == 429 and attempt < self.retries: busy.append(pair)
+            else: self.failures.append({"_id": pair[0]["index"].get("_id"), "status": result.get("status"), "error": result.get("error")})
+        batch = busy
+        if batch: time.sleep(self.backoff_s * 2**attempt)
 
-    def close(self) -> dict[str, Any]:
-        "Flush, then raise `BulkError` naming the first refusal, if any; else the counts: documents indexed, batches sent, requests sent again."
-        self.flush()
-        if self.failures:
-            first = self.failures[0]
-            reason = first["error"].get("reason") if isinstance(first["error"], dict) else first["error"]
-            raise BulkError(f"{len(self.failures)} of {self.indexed + len(self.failures)} documents were refused; "
-                            f"the first ({first['_id']}) with {first['status']}: {reason}")
-        return {"indexed": self.indexed, "bulk_requests": self.batches, "resent": self.resent}
+# %% ../nbs/09a_shipping.ipynb #54e29011
+@patch
+def close(self: BulkIndexer) -> dict[str, Any]:
+    "Flush, then raise `BulkError` naming the first refusal, if any; else the counts: documents indexed, batches sent, requests sent again."
+    self.flush()
+    if self.failures:
+        first = self.failures[0]
+        reason = first["error"].get("reason") if isinstance(first["error"], dict) else first["error"]
+        raise BulkError(f"{len(self.failures)} of {self.indexed + len(self.failures)} documents were refused; "
+                        f"the first ({first['_id']}) with {first['status']}: {reason}")
+    return {"indexed": self.indexed, "bulk_requests": self.batches, "resent": self.resent}
 
 # %% ../nbs/09a_shipping.ipynb #d672983a
 @dataclass

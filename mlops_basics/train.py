@@ -233,24 +233,41 @@ def build_trainer(cfg: DictConfig, # the training config
                       enable_progress_bar=t.enable_progress_bar, enable_model_summary=t.enable_model_summary, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.root)
 
 # %% ../nbs/02_config.ipynb #a7a0a6fd
+def _datamodule(cfg: DictConfig, tokenizer):
+    "The data module `cfg.data` describes, seeded like the run."
+    from mlops_basics.model import ColaDataModule
+    d = cfg.data
+    return ColaDataModule(tokenizer, source=d.source, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, max_length=d.max_length,
+                          num_workers=d.num_workers, verify=d.verify_checksums, group_by_length=d.group_by_length, seed=cfg.training.seed)
+
+def _validate_best(trainer, classifier, datamodule) -> tuple[str | None, list[dict], Any]:
+    "Reload the best checkpoint's weights (by validation MCC) into `classifier` and score the validation split: (best path, history, report)."
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from mlops_basics.model import MetricsHistory, find_callback, load_checkpoint_weights
+    from mlops_basics.tracking import validation_report
+    best = find_callback(trainer, ModelCheckpoint, monitor="val_mcc").best_model_path
+    if best: load_checkpoint_weights(classifier, best)
+    classifier.eval().to("cpu")
+    with torch.inference_mode():
+        probabilities = torch.cat([classifier(batch).float().softmax(-1) for batch in datamodule.val_dataloader()]).numpy()
+    report = validation_report(probabilities, datamodule.splits.validation, datamodule.splits.domains)
+    return best or None, find_callback(trainer, MetricsHistory).history, report
+
 def train(cfg: DictConfig, # a composed training config (see `compose_config`)
          ) -> TrainResult | None:
     "Train, evaluate and save a CoLA classifier as `cfg` says; `None` on non-zero ranks of a distributed run."
     validate_config(cfg)
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.callbacks import ModelCheckpoint
-    from mlops_basics.model import (ColaClassifier, ColaDataModule, MetricsHistory, find_callback, load_backbone,
-                                    load_checkpoint_weights, save_classifier, training_callbacks)
-    from mlops_basics.tracking import finish_logger, log_model_artifact, log_report, make_logger, validation_report, write_report
+    from mlops_basics.model import ColaClassifier, load_backbone, save_classifier, training_callbacks
+    from mlops_basics.tracking import finish_logger, log_model_artifact, log_report, make_logger, write_report
 
     resolve_paths(cfg)
     if cfg.trainer.num_threads: torch.set_num_threads(cfg.trainer.num_threads)
     pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
     model, tokenizer = load_backbone(cfg.model.backbone, seed=cfg.training.seed, dropout=cfg.model.dropout)
-    d = cfg.data
-    datamodule = ColaDataModule(tokenizer, source=d.source, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, max_length=d.max_length,
-                                num_workers=d.num_workers, verify=d.verify_checksums, group_by_length=d.group_by_length, seed=cfg.training.seed)
+    datamodule = _datamodule(cfg, tokenizer)
     classifier = ColaClassifier(model, cfg.training.learning_rate, cfg.training.weight_decay, cfg.training.warmup_ratio)
     lg = cfg.logger
     logger = make_logger(lg.kind.value, cfg.paths.log_dir, lg.project, lg.run_name, lg.mode.value, lg.entity, lg.tags)
@@ -265,14 +282,8 @@ def train(cfg: DictConfig, # a composed training config (see `compose_config`)
     trainer.fit(classifier, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     if not trainer.is_global_zero: return None
 
-    best = find_callback(trainer, ModelCheckpoint, monitor="val_mcc").best_model_path
-    if best: load_checkpoint_weights(classifier, best)
-    history = find_callback(trainer, MetricsHistory).history
-    classifier.eval().to("cpu")
-    with torch.inference_mode():
-        probabilities = torch.cat([classifier(batch).float().softmax(-1) for batch in datamodule.val_dataloader()]).numpy()
-    report = validation_report(probabilities, datamodule.splits.validation, datamodule.splits.domains)
-    model_dir = save_classifier(classifier, tokenizer, cfg.paths.model_dir, max_length=d.max_length, backbone=cfg.model.backbone,
+    best, history, report = _validate_best(trainer, classifier, datamodule)
+    model_dir = save_classifier(classifier, tokenizer, cfg.paths.model_dir, max_length=cfg.data.max_length, backbone=cfg.model.backbone,
                                 metrics=report.metrics, history=history, config=resolved, data_sha256=datamodule.splits.data_sha256,
                                 best_checkpoint=Path(best).name if best else None, resumed_from=str(resume_from) if resume_from else None,
                                 confusion_matrix=report.confusion_matrix)
