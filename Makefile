@@ -12,13 +12,14 @@ ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
 export MLOPS_COLA_PATH ?= $(SHARED_COLA)
 endif
 
-.PHONY: help install system-packages run test test-fast export lab clean
+.PHONY: help install system-packages run test test-fast export pages lab clean
 
 help:
 	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate, behavioural tests (what is out of date)"
 	@echo "make test       run the whole test suite (notebooks, package, slow tests; container tests need root for podman)"
 	@echo "make test-fast  the same without the tests marked slow"
 	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
+	@echo "make pages      run the pages on the real model (after make run) and keep their outputs; PAGES=\"05_serving.ipynb ...\" for some, SLOW=1 to rebuild images too"
 	@echo "make lab        JupyterLab on the notebooks"
 
 install: $(VENV)/.installed
@@ -50,6 +51,13 @@ test-fast: install
 
 export: install
 	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	$(BIN)/python tools/sync_readme.py
+
+# The pages show the real model: run them after `make run` (it leaves artifacts/ and reports/), then commit nbs/.
+pages: install
+	cd nbs && HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false ../$(BIN)/python -c \
+	  "import sys; from mlops_basics.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow)
 	$(BIN)/nbdev_clean
 	$(BIN)/python tools/sync_readme.py
 

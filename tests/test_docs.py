@@ -1,36 +1,91 @@
 """What can be checked of the docs build without Quarto: nbdev's notebook pre-processing, then every processed
-notebook rendered to HTML with nbconvert, in a copy of the repository."""
+notebook rendered to HTML with nbconvert, in a copy of the repository; then what a reader sees on each page."""
+import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 from mlops_basics.test_utils import BIN
 
+WEEK_PAGES = sorted(p.stem for p in (ROOT/"nbs").glob("[01]*.ipynb")) + ["benchmarks", "index"]
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])/(?:tmp|root|home|work|Users|private)/\S")
 
-def test_notebooks_preprocess_and_render_to_html(tmp_path):
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    "Every page as nbdev pre-processes it for Quarto, rendered to HTML by nbconvert; returns the HTML directory."
+    tmp_path = tmp_path_factory.mktemp("docs")
     copy = tmp_path/"repo"
     copy.mkdir()
     for name in ("settings.ini", "README.md", "setup.py"): shutil.copy(ROOT/name, copy/name)
     shutil.copytree(ROOT/"nbs", copy/"nbs", ignore=shutil.ignore_patterns(".ipynb_checkpoints", "_proc", "_docs"))
     shutil.copytree(ROOT/"mlops_basics", copy/"mlops_basics", ignore=shutil.ignore_patterns("__pycache__"))
-    # The docs build runs in the whole checkout, where a page may import the test suite's helpers (nbdev runs import cells).
-    shutil.copytree(ROOT/"tests", copy/"tests", ignore=shutil.ignore_patterns("__pycache__"))
     # nbdev_proc_nbs itself would try to install Quarto (and pip install the project); run its steps without that
     script = ("from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar; from nbdev.serve import proc_nbs; "
               "refresh_quarto_yml(); nbdev_sidebar.__wrapped__(); proc_nbs(n_workers=0)")
     proc = subprocess.run([sys.executable, "-c", script], cwd=copy, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     processed = sorted((copy/"_proc").glob("*.ipynb"))
-    notebooks = sorted(p.name for p in (ROOT/"nbs").glob("*.ipynb"))
-    assert [p.name for p in processed] == notebooks
+    assert [p.name for p in processed] == sorted(p.name for p in (ROOT/"nbs").glob("*.ipynb"))
     assert (copy/"_proc"/"sidebar.yml").exists()
     html = tmp_path/"html"
     proc = subprocess.run([str(BIN/"jupyter"), "nbconvert", "--to", "html", "--output-dir", str(html), *map(str, processed)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for nb in processed:
-        page = (html/f"{nb.stem}.html").read_text()
-        assert "<html" in page and len(page) > 10_000, nb.name
+    shutil.copytree(ROOT/"nbs"/"images", html/"images")  # what the pages link to, as the site has it
+    return html
+
+
+def test_notebooks_preprocess_and_render_to_html(rendered):
+    for page in rendered.glob("*.html"): assert "<html" in page.read_text() and page.stat().st_size > 10_000, page.name
     # nbdev moved each notebook's title into Quarto front matter; the rendered page still shows its text
-    assert "the CoLA data" in (html/"00a_data.html").read_text()
+    assert "the CoLA data" in (rendered/"00a_data.html").read_text()
+
+
+def _hidden_code(notebook: Path) -> list[str]:
+    "A telling line of each `#| hide` cell: the longest one."
+    cells = json.loads(notebook.read_text())["cells"]
+    hidden = ["".join(c["source"]) for c in cells if c["cell_type"] == "code" and re.search(r"^#\|\s*hide\s*$", "".join(c["source"]), re.M)]
+    return [max((l.strip() for l in src.splitlines() if not l.startswith("#|")), key=len) for src in hidden if src.strip()]
+
+
+@pytest.mark.parametrize("page", WEEK_PAGES)
+def test_a_week_page_shows_the_real_model_and_a_picture(rendered, page):
+    "What a reader sees: a picture, none of the hidden scaffolding, no tiny test model, no machine path."
+    html = (rendered/f"{page}.html").read_text()
+    text = re.sub(r"<[^>]+>", " ", html)
+    assert re.search(r"<img |<svg", html), f"{page}: no picture"
+    import html as html_lib
+    visible = html_lib.unescape(text)
+    for line in _hidden_code(ROOT/"nbs"/f"{page}.ipynb"):
+        assert line not in visible, f"{page}: hidden code shows: {line!r}"
+    assert "tiny-random" not in visible, f"{page}: shows the tiny test model"
+    assert not ABSOLUTE_PATH.search(visible), f"{page}: shows a machine path: {ABSOLUTE_PATH.search(visible).group(0)!r}"
+
+
+def test_screenshots_of_the_rendered_pages(rendered):
+    "Headless Chromium draws the index and two week pages; the screenshots go to $MLOPS_TEST_OUTPUT (the workflow uploads it)."
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert chromium, "Debian's chromium (or Chrome) is needed: .ci/system-packages installs it"
+    from playwright.sync_api import sync_playwright
+    out = Path(os.environ.get("MLOPS_TEST_OUTPUT") or rendered.parent/"screenshots")/"pages"
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            for name in ("index", "00a_data", "09c_drift"):
+                page.goto((rendered/f"{name}.html").as_uri())
+                page.wait_for_load_state("load")
+                page.screenshot(path=str(out/f"{name}.png"), full_page=True)
+                drawn = page.eval_on_selector_all("img, svg", "els => els.filter(e => e.getBoundingClientRect().width > 100).length")
+                assert drawn >= 1, f"{name}: no picture drawn"
+        finally:
+            browser.close()
+    assert sorted(p.name for p in out.glob("*.png")) == ["00a_data.png", "09c_drift.png", "index.png"]

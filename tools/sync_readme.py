@@ -7,6 +7,7 @@ markdown cells as they are, code cells as fenced Python with their text outputs.
     python tools/sync_readme.py --check  # exit 1 if README.md differs
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,12 +30,21 @@ def _text_outputs(cell) -> str:
     return "".join(parts)
 
 
+def github_links(markdown: str) -> str:
+    "Links as GitHub shows the README: a page `name.html` is the notebook `nbs/name.ipynb`, an image `images/...` is under `nbs/`."
+    def page(m):
+        name = m.group(2)
+        return f"]({'nbs/' + name + '.ipynb' if (ROOT/'nbs'/f'{name}.ipynb').exists() else name + '.html'}{m.group(3) or ''})"
+    markdown = re.sub(r"\]\((?!https?:)(([\w-]+))\.html(#[\w-]+)?\)", page, markdown)
+    return re.sub(r"\]\((images/[^)\s]+)\)", r"](nbs/\1)", markdown)
+
+
 def render(notebook: Path = NOTEBOOK) -> str:
     "README text for `notebook`."
     blocks = []
     for cell in json.loads(notebook.read_text())["cells"]:
         source = _source(cell)
-        if cell["cell_type"] == "markdown": blocks.append(source.strip())
+        if cell["cell_type"] == "markdown": blocks.append(github_links(source.strip()))
         elif cell["cell_type"] == "code":
             lines = source.splitlines()
             if any(l.strip() in ("#| hide", "#|hide") for l in lines): continue
