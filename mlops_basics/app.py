@@ -216,9 +216,11 @@ class ServingMetrics:
 REQUEST_LOGGER = "mlops_basics.requests"
 
 def configure_request_logging(stream=None) -> logging.Logger:
-    "Send the request log, one JSON object per line, to `stream` (stdout by default)."
+    "Send the request log, one JSON object per line, to `stream` (stdout by default); a later call with a stream moves it there."
     logger = logging.getLogger(REQUEST_LOGGER)
-    if not any(getattr(h, "_mlops_request_log", False) for h in logger.handlers):
+    ours = [h for h in logger.handlers if getattr(h, "_mlops_request_log", False)]
+    if ours and stream is not None: ours[0].setStream(stream)  # one handler, whichever stream was asked for last
+    if not ours:
         handler = logging.StreamHandler(stream or sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s")); handler._mlops_request_log = True
         logger.addHandler(handler)

@@ -54,7 +54,7 @@ DRIFT_CHECKS = {  # name -> (kind, column, Evidently method, threshold, column t
     "input.oov": ("input", "has_unknown", "jensenshannon", 0.1, "cat"),
     "input.token_distribution": ("input", "token", "jensenshannon", 0.15, "cat"),
     "prediction.label_share": ("prediction", "label", "jensenshannon", 0.1, "cat"),
-    "prediction.score": ("prediction", "p_acceptable", "wasserstein", 0.1, "num"),
+    "prediction.score": ("prediction", "p_acceptable", "wasserstein", 0.15, "num"),
 }
 MIN_FEEDBACK = 30  # labelled sentences the concept-drift check needs
 UNKNOWN_TOKEN = "[UNK]"  # followed on its own, whatever its rank
