@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
 export MLOPS_COLA_PATH ?= $(SHARED_COLA)
 endif
 
-.PHONY: help install system-packages run test test-fast export lab clean
+.PHONY: help install prefect-venv system-packages run test test-fast export lab clean
 
 help:
 	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate, behavioural tests (what is out of date)"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-fast  the same without the tests marked slow"
 	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
 	@echo "make lab        JupyterLab on the notebooks"
+	@echo "make prefect-venv  .venv-prefect: Prefect 3 and the [orchestration] extra, beside .venv (their pins clash)"
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,19 @@ $(VENV)/.installed: setup.py settings.ini constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+# Prefect 3 pins fastapi<0.151 and websockets<17, below this project's (constraints.txt): the [orchestration] extra gets
+# a virtual environment of its own, with every other version as constraints.txt has it. Its flows run the project's
+# tools (dvc, mlops-*) from .venv; nbdev runs the orchestration page there (tests/test_notebooks.py).
+PREFECT_VENV ?= .venv-prefect
+prefect-venv: $(PREFECT_VENV)/.installed
+
+$(PREFECT_VENV)/.installed: setup.py settings.ini constraints.txt
+	test -x $(PREFECT_VENV)/bin/python || $(PYTHON) -m venv $(PREFECT_VENV)
+	$(PREFECT_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	grep -vE '^(fastapi|websockets)==' constraints.txt > $(PREFECT_VENV)/constraints.txt
+	$(PREFECT_VENV)/bin/python -m pip install -q -c $(PREFECT_VENV)/constraints.txt -e ".[orchestration]" nbdev==2.4.14 pytest
 	touch $@
 
 # The whole pipeline (data -> train -> export -> evaluate -> behaviour), only what is out of date; see dvc.yaml.

@@ -20,7 +20,7 @@ def requirements(key):
     "The space-separated requirement list `key` of settings.ini."
     return cfg.get(key, "").split()
 
-extras = {name: requirements(f"{name}_requirements") for name in ("train", "serve", "lambda", "aws", "monitoring", "dev")}
+extras = {name: requirements(f"{name}_requirements") for name in ("train", "serve", "lambda", "aws", "monitoring", "orchestration", "dev")}
 extras = {name: reqs for name, reqs in extras.items() if reqs}
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
