@@ -34,7 +34,7 @@ $(VENV)/.installed: setup.py settings.ini constraints.txt
 
 # Prefect 3 pins fastapi<0.151 and websockets<17, below this project's (constraints.txt): the [orchestration] extra gets
 # a virtual environment of its own, with every other version as constraints.txt has it. Its flows run the project's
-# tools (dvc, mlops-*) from .venv; nbdev runs the orchestration page there (tests/test_notebooks.py).
+# tools (dvc, mlops-*) from .venv; nbdev runs the orchestration page there (tests/test_notebooks.py), with moto for its rehearsal.
 PREFECT_VENV ?= .venv-prefect
 prefect-venv: $(PREFECT_VENV)/.installed
 
@@ -42,7 +42,7 @@ $(PREFECT_VENV)/.installed: setup.py settings.ini constraints.txt
 	test -x $(PREFECT_VENV)/bin/python || $(PYTHON) -m venv $(PREFECT_VENV)
 	$(PREFECT_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	grep -vE '^(fastapi|websockets)==' constraints.txt > $(PREFECT_VENV)/constraints.txt
-	$(PREFECT_VENV)/bin/python -m pip install -q -c $(PREFECT_VENV)/constraints.txt -e ".[orchestration]" nbdev==2.4.14 pytest
+	$(PREFECT_VENV)/bin/python -m pip install -q -c $(PREFECT_VENV)/constraints.txt -e ".[orchestration]" nbdev==2.4.14 pytest "moto[server]"
 	touch $@
 
 # The whole pipeline (data -> train -> export -> evaluate -> behaviour), only what is out of date; see dvc.yaml.

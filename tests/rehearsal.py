@@ -1,7 +1,7 @@
-"""Local stand-ins for the orchestration page (nbs/13_orchestration.ipynb) and tests/test_orchestration.py: a DVC pipeline
-repository with a tiny model, a container registry, a moto server, a Lambda function behind an alias with CloudWatch traffic,
+"""Local stand-ins for the orchestration page (nbs/13_orchestration.ipynb), tests/test_orchestration.py and tests/test_deploy.py:
+a DVC pipeline repository with a tiny model, a container registry, a Lambda function behind an alias with CloudWatch traffic,
 the app's log after some traffic, a tool that fails once as a flaky network would, and an image build that needs no base image.
-Stdlib (and boto3) only: they run in .venv (pytest) and in .venv-prefect (the page)."""
+They run in .venv (pytest) and in .venv-prefect (the page): what they need of the course's tools comes from `tools` (.venv/bin)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,12 +12,11 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
-from containers import free_port, http, podman
+from mlops_basics.test_containers import podman
+from mlops_basics.test_utils import free_port, http, process_stopped, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = ["model=tiny_random", "logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.num_threads=1",
@@ -89,13 +88,7 @@ def registry_server(work: Path): # a directory for its storage and configuration
                       f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
     proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2): break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline: raise AssertionError("docker-registry did not start")
-                time.sleep(0.2)
+        wait_for_http(f"http://127.0.0.1:{port}/v2/", 30, process_stopped(proc))
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate(); proc.wait(timeout=30)
@@ -105,29 +98,6 @@ def registry_tags(registry: str, repository: str = "mlops-basics") -> list[str]:
     "The tags the registry holds for `repository` (none when it was never pushed)."
     status, _, body = http("GET", f"http://{registry}/v2/{repository}/tags/list")
     return sorted(json.loads(body).get("tags") or []) if status == 200 else []
-
-
-@contextlib.contextmanager
-def moto_server(tools: str, # where moto_server is (.venv/bin)
-                log: Path, # its output
-               ):
-    "A moto server (AWS stand-in) on 127.0.0.1 and a free port; yields its URL."
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(tools)/"moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 60
-            while True:
-                if proc.poll() is not None: raise AssertionError(f"moto_server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-                try:
-                    with urllib.request.urlopen(f"{url}/moto-api/", timeout=2): break
-                except OSError:
-                    if time.time() > deadline: raise AssertionError("moto_server did not start in 60 s")
-                    time.sleep(0.3)
-            yield url
-        finally:
-            proc.terminate(); proc.wait(timeout=30)
 
 
 def lambda_function(endpoint: str, # the moto server
@@ -179,14 +149,7 @@ def traffic_log(serving_dir: Path, # the model to serve
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MLOPS_THREADS": "1"})
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 120
-            while True:
-                if proc.poll() is not None: raise AssertionError(f"mlops-serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
-                try:
-                    if http("GET", f"{url}/health", timeout=2)[0] == 200: break
-                except OSError: pass
-                if time.time() > deadline: raise AssertionError("mlops-serve did not become healthy")
-                time.sleep(0.3)
+            wait_for_http(f"{url}/health", 120, process_stopped(proc, log))
             for i, sentence in enumerate(sentences):
                 status, _, body = http("POST", f"{url}/predict", json.dumps({"sentences": [sentence]}).encode(),
                                        {"Content-Type": "application/json", "X-Request-ID": f"req-{i}"})

@@ -11,8 +11,9 @@ import uuid
 import boto3
 import pytest
 
-from conftest import BIN, ROOT
-from containers import CONTAINERS_CONF
+from conftest import ROOT
+from mlops_basics.test_containers import containers_conf
+from mlops_basics.test_utils import BIN
 from rehearsal import (AWS_ENV, REGION, alias_state, fail_once, lambda_function, lambda_traffic, registry_server, registry_tags,
                        tiny_pipeline_repo, traffic_log)
 
@@ -40,7 +41,7 @@ def world(prefect_api, prefect_python, moto_server, tmp_path_factory):
     "The rehearsal: a tiny pipeline repository, a registry, a Lambda function with version 1 live, and how to run the driver."
     work = tmp_path_factory.mktemp("orchestration")
     repo = tiny_pipeline_repo(work/"repo", str(BIN))
-    env = {**AWS_ENV, **prefect_api, "AWS_ENDPOINT_URL": moto_server, "MLOPS_LAMBDA_FUNCTION": FUNCTION, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+    env = {**AWS_ENV, **prefect_api, "AWS_ENDPOINT_URL": moto_server, "MLOPS_LAMBDA_FUNCTION": FUNCTION, "CONTAINERS_CONF": str(containers_conf())}
     lambda_function(moto_server, FUNCTION)
 
     def drive(request: dict, timeout: float = 600):
@@ -117,7 +118,7 @@ def test_drift_starts_the_retrain_deployment_once(world):
     "Shifted traffic fails the drift report, and the monitor starts retrain/weekly; a second run on the same log is served from the cache."
     import numpy as np
     from mlops_basics.data import load_cola
-    from mlops_basics.monitoring import corrupt
+    from mlops_basics.drift import corrupt
     rng = np.random.default_rng(0)
     serving_dir = world["repo"]/"artifacts"/"serving"
     log = traffic_log(serving_dir, [corrupt(e.sentence, rng) for e in load_cola().validation[:120]], world["work"]/"app.log", str(BIN))
