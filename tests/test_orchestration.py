@@ -1,7 +1,8 @@
 """The Prefect flows of nbs/13_orchestration.ipynb end to end against a real Prefect API (`prefect server start` on 127.0.0.1,
 SQLite): retrain on the course's DVC pipeline with a tiny model, a local DVC remote, moto (ECR, Lambda, CloudWatch) and a local
-registry; a push that fails once as a flaky network would and is retried; a failed quality gate that stops before any push or
-release; drift that starts the retrain deployment of prefect.yaml. Prefect's pins clash with .venv's, so the flows run in
+registry; a push that fails once as a flaky network would and is retried; an unchanged model that is not released again; a failed
+quality gate that stops before any push or release; an unhealthy canary rolled back; drift that starts the retrain deployment of
+prefect.yaml. Prefect's pins clash with .venv's, so the flows run in
 .venv-prefect (tests/orchestration_driver.py) and these tests read what the API recorded."""
 import json
 import os
@@ -84,24 +85,51 @@ def test_retrain_end_to_end_retries_a_transient_fault(world):
         "build image": ("Completed", 1), "push image": ("Completed", 1), "canary release": ("Completed", 1)}
 
 
+def versions(world) -> list[str]:
+    "The published versions of the function."
+    lam = boto3.client("lambda", endpoint_url=world["moto"], region_name=REGION)
+    return [v["Version"] for v in lam.list_versions_by_function(FunctionName=FUNCTION)["Versions"]]
+
+
+def test_a_retrain_that_changes_nothing_releases_nothing(world):
+    "The same data and params: no stage runs, the gate passes on a tie, and the model that serves already is not released again."
+    ran = world["drive"]({"run": "retrain", "parameters": {**world["rehearsal"], "behaviour_thresholds": {}}})
+    assert ran["state"] == "Completed", ran["message"]
+    assert ran["result"]["stages"] == [] and ran["result"]["gate"].startswith("reports/metrics.json: mcc")
+    assert ran["result"]["release"] == {"version": "2", "outcome": "already live", "alias": {"stable": "2", "canary": None, "weight": 0.0}}
+    assert alias_state(world["moto"], FUNCTION) == ("2", {}) and versions(world) == ["$LATEST", "1", "2"]
+
+
 def test_a_failed_quality_gate_stops_before_the_release(world):
     "Held to Week 11's thresholds, which a tiny random model cannot meet: the gate fails, nothing is pushed, the alias stays."
     repo = world["repo"]
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "release"], cwd=repo, check=True)
-    lam = boto3.client("lambda", endpoint_url=world["moto"], region_name=REGION)
-    before = (alias_state(world["moto"], FUNCTION), registry_tags(world["registry"]),
-              [v["Version"] for v in lam.list_versions_by_function(FunctionName=FUNCTION)["Versions"]],
+    before = (alias_state(world["moto"], FUNCTION), registry_tags(world["registry"]), versions(world),
               sorted(str(p) for p in (world["work"]/"repo-remote").rglob("*")))
     ran = world["drive"]({"run": "retrain", "parameters": world["rehearsal"]})
     assert ran["state"] == "Failed" and "QualityGateFailed" in ran["message"] and "mft_acceptable pass rate" in ran["message"], ran["message"]
     tasks = tasks_of(world["drive"]({"history": ["retrain"]}), ran["flow_run_id"])
     assert {name: (t["state"], t["run_count"]) for name, t in tasks.items()} == {
         "fetch data": ("Completed", 1), "dvc repro": ("Completed", 1), "quality gate": ("Failed", 1)}  # a real failure is not retried
-    after = (alias_state(world["moto"], FUNCTION), registry_tags(world["registry"]),
-             [v["Version"] for v in lam.list_versions_by_function(FunctionName=FUNCTION)["Versions"]],
+    after = (alias_state(world["moto"], FUNCTION), registry_tags(world["registry"]), versions(world),
              sorted(str(p) for p in (world["work"]/"repo-remote").rglob("*")))
     assert after == before
+
+
+def test_an_unhealthy_canary_is_rolled_back(world):
+    "Another learning rate gives another model; CloudWatch shows its canary failing 10% of requests: the alias goes back to version 2."
+    params = world["repo"]/"params.yaml"
+    params.write_text(params.read_text().replace("learning_rate: 5.0e-05", "learning_rate: 0.0002"))
+    lambda_traffic(world["moto"], FUNCTION, {"3": (300, 30), "2": (2700, 5)})
+    # The MCC gate is not what this test is about: a tiny random model's MCC moves by chance with the learning rate.
+    ran = world["drive"]({"run": "retrain", "parameters": {**world["rehearsal"], "behaviour_thresholds": {}, "mcc_tolerance": 2.0}})
+    assert ran["state"] == "Failed" and "ReleaseRolledBack: version 3 rolled back to 2" in ran["message"], ran["message"]
+    assert "error rate 10.00% over 300 requests is above 2.00%" in ran["message"]
+    assert alias_state(world["moto"], FUNCTION) == ("2", {}) and versions(world) == ["$LATEST", "1", "2", "3"]
+    assert len(registry_tags(world["registry"])) == 2  # the new image was pushed: it is the release that failed
+    tasks = tasks_of(world["drive"]({"history": ["retrain"]}), ran["flow_run_id"])
+    assert tasks["dvc repro"]["state"] == "Completed" and (tasks["canary release"]["state"], tasks["canary release"]["run_count"]) == ("Failed", 1)
 
 
 def test_prefect_yaml_deployments_register_with_their_schedules(world):
