@@ -54,7 +54,7 @@ def test_library_matches_the_notebooks(tmp_path):
     "nbdev_export into a copy changes nothing: the modules were exported from the committed notebooks."
     import shutil
     copy = tmp_path/"repo"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "artifacts", "benchmarks", "*.egg-info", "__pycache__", ".gpu", "_proc"))
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".venv-*", ".git", "artifacts", "benchmarks", "*.egg-info", "__pycache__", ".gpu", "_proc"))
     env = {k: v for k, v in os.environ.items() if k != "IN_TEST"}  # nbdev_export is a no-op under IN_TEST
     subprocess.run([str(BIN/"nbdev_export")], cwd=copy, check=True, env=env)
     for module in (ROOT/"mlops_basics").glob("*.py"):
