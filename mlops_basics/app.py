@@ -482,6 +482,8 @@ def create_app(settings: ServeSettings | None = None, # the serving settings; No
     app.add_exception_handler(413, body_too_large)
     add_predict_route(app)
     add_info_routes(app)
+    from mlops_basics.protocol import protocol_router  # imported here: the protocol module builds on this one
+    app.router.routes.extend(protocol_router().routes)  # the Open Inference Protocol (KServe v2) next to /predict; the routes themselves, so known_paths sees them
     app.state.known_paths = {route.path for route in app.routes}
     return app
 

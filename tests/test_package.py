@@ -62,8 +62,8 @@ def test_library_matches_the_notebooks(tmp_path):
 
 
 def test_importing_the_serving_side_does_not_import_torch():
-    probe = ("import sys, mlops_basics, mlops_basics.data, mlops_basics.artifacts, mlops_basics.inference; "
-             "print(sorted({'torch', 'transformers', 'pytorch_lightning', 'lightning'} & set(sys.modules)))")
+    probe = ("import sys, mlops_basics, mlops_basics.data, mlops_basics.artifacts, mlops_basics.inference, mlops_basics.protocol; "
+             "print(sorted({'torch', 'transformers', 'pytorch_lightning', 'lightning', 'mlserver'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
