@@ -10,6 +10,9 @@ __all__ = ['INPUT', 'LABEL', 'PROBABILITIES', 'PLATFORM', 'TensorMetadata', 'Ser
 
 # %% ../nbs/12_inference_protocol.ipynb #cb7c412d
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
+# Over 300 lines for one concern, the Open Inference Protocol: its messages, their parsing, the routes, and the same tensors
+# behind MLServer, which the page sets side by side so that a reader sees both ends of the protocol.
+import asyncio
 import functools
 import json
 import math
@@ -321,7 +324,7 @@ def mlserver_runtime() -> type:
         async def predict(self, payload: MLServerRequest) -> MLServerResponse:
             inputs = {i.name: i for i in payload.inputs}
             if set(inputs) != {INPUT} or inputs[INPUT].datatype != "BYTES": raise MLServerError(f"the model takes one input, {INPUT!r} (BYTES, shape [N])", 400)
-            predictions = self.predictor.predict(StringCodec.decode_input(inputs[INPUT]))
+            predictions = await asyncio.to_thread(self.predictor.predict, StringCodec.decode_input(inputs[INPUT]))  # off the event loop, as the app does
             labels = self.predictor.labels
             probabilities = np.array([[p.probabilities[label] for label in labels] for p in predictions], dtype=np.float32)
             return MLServerResponse(model_name=self.name, model_version=self.predictor.version, id=payload.id, outputs=[

@@ -3,9 +3,7 @@ protocol's raw JSON examples, the Lambda handler, and the same predictor inside 
 import base64
 import copy
 import json
-import os
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +12,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from conftest import BIN, ROOT, free_port, http, running_server
+from conftest import ROOT
+from mlops_basics.test_utils import free_port, http, process_stopped, serve, wait_for_http
 
 JSON = {"Content-Type": "application/json"}
 SENTENCES = ["The book was read by the student.", "Book the the read.", "She sang beautifully.", "Who do you think that left?"]
@@ -25,8 +24,8 @@ EXAMPLE = {"id": "42", "inputs": [{"name": "text", "shape": [2], "datatype": "BY
 def protocol_server(serving_dir, tmp_path_factory):
     "`mlops-serve` with two models (blue: fp32, green: int8) and at most 8 sentences per request; yields its base URL."
     log = tmp_path_factory.mktemp("protocol")/"stdout.log"
-    with running_server("--model", f"blue={serving_dir}@fp32", "--model", f"green={serving_dir}@int8", "--max-batch", "8", "--max-chars", "200",
-                        log=log) as url: yield url
+    with serve("--model", f"blue={serving_dir}@fp32", "--model", f"green={serving_dir}@int8", "--max-batch", "8", "--max-chars", "200",
+               log=log) as url: yield url
 
 
 def post_json(url: str, body, headers: dict | None = None) -> tuple[int, dict, dict]:
@@ -207,14 +206,7 @@ def mlserver_url(mlserver_bin, serving_dir, tmp_path_factory):
         proc = subprocess.Popen([str(mlserver_bin), "start", str(repository)], stdout=out, stderr=subprocess.STDOUT, cwd=work)
         url = f"http://127.0.0.1:{http_port}"
         try:
-            deadline = time.time() + 120
-            while True:
-                assert proc.poll() is None, f"mlserver exited with {proc.returncode}: {log.read_text()[-3000:]}"
-                try:
-                    if http("GET", f"{url}/v2/models/cola/ready", timeout=2)[0] == 200: break
-                except OSError: pass
-                assert time.time() < deadline, f"mlserver did not get ready in 120 s: {log.read_text()[-3000:]}"
-                time.sleep(0.3)
+            wait_for_http(f"{url}/v2/models/cola/ready", stopped=process_stopped(proc, log))
             yield url
         finally:
             proc.terminate(); proc.wait(timeout=30)
