@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT/"tests"))
-from containers import free_port, http  # noqa: E402
+from mlops_basics.test_utils import free_port, http, process_stopped, wait_for_http  # noqa: E402
 from serving_benchmark import cpu_model, parse_wrk, wrk_version  # noqa: E402  (same wrk parsing as the serving benchmark)
 
 RESULT = ROOT/"benchmarks"/"results"/"protocol.json"
@@ -85,18 +84,6 @@ def tree_rss_mb(pid: int) -> float:
     import psutil
     root = psutil.Process(pid)
     return round(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20, 1)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> float:
-    "Seconds until `url` answers 200; fails with the server's log if it exits first."
-    started = time.time()
-    while time.time() - started < timeout:
-        if proc.poll() is not None: raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if http("GET", url, timeout=2)[0] == 200: return round(time.time() - started, 2)
-        except OSError: pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready in {timeout} s: {log.read_text()[-3000:]}")
 
 
 def load(url: str, path: str, kind: str, batch: int, duration: int, connections: int, work: Path) -> dict:
@@ -167,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
                 proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=work, env={**env, "NAIVE_MODEL_DIR": str(args.model_dir.resolve())})
                 try:
                     url = f"http://127.0.0.1:{port}"
-                    startup = wait_ready(url + ready_path, proc, log)
+                    startup = round(wait_for_http(url + ready_path, timeout=180, stopped=process_stopped(proc, log)), 2)
                     for label, path, kind in endpoints:
                         agreement = sum(a == b for a, b in zip(labels_of(url, path, kind), reference)) / len(reference)
                         for batch in map(int, args.batches.split(",")):
@@ -202,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "naive_app": "the PyTorch checkpoint (fp32) of the same training run, through transformers"},
         "client": {"tool": "wrk", "threads": 1, "connections": args.connections, "duration_s": args.duration, "warm_up_s": 3, "rounds": args.rounds,
                    "sentences": SENTENCES, "body": "one request per group of `batch` consecutive sentences, cycling"},
-        "servers": {"app": "mlops-serve, 1 worker, ONNX Runtime threads: its default", "mlserver": "mlserver start, CoLARuntime, parallel_workers 0, ONNX Runtime threads: its default",
+        "servers": {"app": "mlops-serve, 1 worker, ONNX Runtime threads: its default", "mlserver": "mlserver start, CoLARuntime (inference in a thread, off the event loop), parallel_workers 0, ONNX Runtime threads: its default",
                     "naive": "uvicorn naive_app:app, 1 worker, torch threads: its default"},
         "versions": {**{p: version(p) for p in ("mlops-basics", "onnxruntime", "fastapi", "uvicorn", "torch", "transformers")},
                      "mlserver": mlserver_versions["mlserver"], "mlserver_fastapi": mlserver_versions["fastapi"]},
