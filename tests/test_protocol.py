@@ -13,6 +13,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from conftest import ROOT
+from test_serving import raw_post  # a POST that tolerates the server answering 413 before the body is sent
 from mlops_basics.test_utils import free_port, http, process_stopped, serve, wait_for_http
 
 JSON = {"Content-Type": "application/json"}
@@ -143,8 +144,9 @@ def test_malformed_and_oversized_bodies(protocol_server):
     url = protocol_server
     status, _, raw = http("POST", f"{url}/v2/models/blue/infer", b"{not json", JSON)
     assert (status, json.loads(raw)) == (400, {"error": "the request body is not valid JSON"})
-    status, _, raw = http("POST", f"{url}/v2/models/blue/infer", b"x" * 1_000_001, JSON)  # the app's default max_body_bytes
-    assert (status, json.loads(raw)) == (413, {"error": "the request body is larger than 1000000 bytes"})
+    for chunked in (False, True):  # refused on its Content-Length up front, or counted as the chunks arrive
+        status, raw = raw_post(url, "/v2/models/blue/infer", b"x" * 1_000_001, JSON, chunked=chunked)  # the app's default max_body_bytes
+        assert (status, json.loads(raw)) == (413, {"error": "the request body is larger than 1000000 bytes"}), chunked
     status, _, raw = http("GET", f"{url}/v2/models/red")
     assert (status, json.loads(raw)) == (404, {"error": "unknown model 'red': this server has blue, green"})
 
