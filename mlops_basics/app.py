@@ -390,7 +390,10 @@ async def observe(request: Request, call_next) -> Response:
     try: response = await call_next(request)
     except Exception as e:  # a fault of ours: answered, counted and logged like any other request, never a bare 500
         failure = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        response = JSONResponse({"detail": "internal error", "request_id": request.state.request_id}, status_code=500)
+        request_id = request.state.request_id
+        body = ({"error": f"internal error (request_id {request_id})"} if request.url.path.startswith("/v2/")  # the Open Inference Protocol's shape
+                else {"detail": "internal error", "request_id": request_id})
+        response = JSONResponse(body, status_code=500)
     _count_and_log(request, response, time.perf_counter() - started, failure)
     response.headers["x-request-id"] = request.state.request_id
     return response
