@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
 export MLOPS_COLA_PATH ?= $(SHARED_COLA)
 endif
 
-.PHONY: help install system-packages run test test-fast export pages lab clean
+.PHONY: help install prefect-venv mlserver system-packages run test test-fast export pages lab clean
 
 help:
 	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate, behavioural tests (what is out of date)"
@@ -21,6 +21,8 @@ help:
 	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
 	@echo "make pages      run the pages on the real model (after make run) and keep their outputs; PAGES=\"05_serving.ipynb ...\" for some, SLOW=1 to rebuild images too"
 	@echo "make lab        JupyterLab on the notebooks"
+	@echo "make prefect-venv  .venv-prefect: Prefect 3 and the [orchestration] extra, beside .venv (their pins clash)"
+	@echo "make mlserver   Seldon's MLServer with the project's runtime, in its own environment (.venv-mlserver)"
 
 install: $(VENV)/.installed
 
@@ -30,6 +32,30 @@ $(VENV)/.installed: setup.py settings.ini constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+# Prefect 3 pins fastapi<0.151 and websockets<17, below this project's (constraints.txt): the [orchestration] extra gets
+# a virtual environment of its own, with every other version as constraints.txt has it. Its flows run the project's
+# tools (dvc, mlops-*) from .venv; nbdev runs the orchestration page there (tests/test_notebooks.py), with moto for its rehearsal.
+PREFECT_VENV ?= .venv-prefect
+prefect-venv: $(PREFECT_VENV)/.installed
+
+$(PREFECT_VENV)/.installed: setup.py settings.ini constraints.txt
+	test -x $(PREFECT_VENV)/bin/python || $(PYTHON) -m venv $(PREFECT_VENV)
+	$(PREFECT_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	grep -vE '^(fastapi|websockets)==' constraints.txt > $(PREFECT_VENV)/constraints.txt
+	$(PREFECT_VENV)/bin/python -m pip install -q -c $(PREFECT_VENV)/constraints.txt -e ".[orchestration]" nbdev==2.4.14 pytest "moto[server]"
+	touch $@
+
+# MLServer pins an older FastAPI and protobuf than the project (fastapi<0.116, protobuf<7): its own environment, with its own
+# verified versions (constraints-mlserver.txt); tests/test_protocol.py and benchmarks/protocol_benchmark.py make it when missing.
+MLSERVER_VENV ?= .venv-mlserver
+mlserver: $(MLSERVER_VENV)/.installed
+
+$(MLSERVER_VENV)/.installed: setup.py settings.ini constraints-mlserver.txt
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(MLSERVER_VENV)/bin/python -m pip install -q -c constraints-mlserver.txt -e ".[serve,mlserver]"
 	touch $@
 
 # The whole pipeline (data -> train -> export -> evaluate -> behaviour), only what is out of date; see dvc.yaml.
@@ -65,4 +91,4 @@ lab: install
 	$(BIN)/jupyter lab nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean:
-	rm -rf artifacts multirun outputs .pytest_cache build dist *.egg-info
+	rm -rf artifacts multirun outputs .pytest_cache build dist *.egg-info $(MLSERVER_VENV)

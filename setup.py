@@ -20,9 +20,10 @@ def requirements(key):
     "The space-separated requirement list `key` of settings.ini."
     return cfg.get(key, "").split()
 
-extras = {name: requirements(f"{name}_requirements") for name in ("train", "serve", "lambda", "aws", "monitoring", "dev")}
+extras = {name: requirements(f"{name}_requirements") for name in ("train", "serve", "lambda", "aws", "monitoring", "orchestration", "dev", "mlserver")}
 extras = {name: reqs for name, reqs in extras.items() if reqs}
-extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
+# mlserver pins an older FastAPI and protobuf than the rest: it gets its own environment (`make mlserver`), never `all`
+extras["all"] = sorted({req for name, reqs in extras.items() if name != "mlserver" for req in reqs})
 
 setuptools.setup(
     name=cfg["repo"],

@@ -142,7 +142,7 @@ def parse_wrk(output: str) -> dict:
     def ms(value: str) -> float:
         number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()
         return round(float(number) * {"us": 1e-3, "ms": 1, "s": 1e3, "m": 6e4}[unit], 2)
-    latency = {f"p{p}": ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", output, re.M)}
+    latency = {f"p{p}": ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", output, re.M)}  # wrk pads a value in seconds with a space
     requests = re.search(r"(\d+) requests in ([\d.]+)(\w+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)

@@ -6,7 +6,7 @@
 __all__ = ['DEFAULT_MODEL', 'MULTIPROC_ENV', 'LATENCY_BUCKETS', 'REQUEST_LOGGER', 'INDEX_HTML', 'ERROR_RESPONSES', 'parse_models',
            'parse_split', 'sticky_assignment', 'ServeSettings', 'request_model', 'LabelPrediction', 'PredictResponse',
            'ServingMetrics', 'configure_request_logging', 'log_request', 'JSONLogFormatter', 'server_log_config',
-           'too_large', 'RequestLimits', 'model_details', 'load_predictors', 'init_state', 'choose_model', 'observe',
+           'too_large', 'RequestLimits', 'model_details', 'load_predictors', 'init_state', 'choose_model', 'Observe',
            'invalid_request', 'body_too_large', 'add_predict_route', 'add_info_routes', 'create_app', 'app_from_env',
            'main']
 
@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal, Optional
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import MutableHeaders
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
@@ -368,34 +369,54 @@ def _route_of(request: Request) -> str:
     route = request.scope.get("route")  # None when a limit answered before routing, or for unknown paths
     return route.path if route else request.url.path if request.url.path in request.app.state.known_paths else "unmatched"
 
-def _count_and_log(request: Request, response: Response, elapsed: float, failure: dict[str, str]) -> None:
+def _count_and_log(request: Request, status: int, elapsed: float, failure: dict[str, str]) -> None:
     "Count one answered request in the metrics and write its log line."
     state = request.app.state
-    labels = dict(method=request.method, route=_route_of(request), status=str(response.status_code))
+    labels = dict(method=request.method, route=_route_of(request), status=str(status))
     state.metrics.requests.labels(**labels).inc(); state.metrics.latency.labels(**labels).observe(elapsed)
     model, assigned = request.state.model or (state.live, None)
     if request.state.model:
         state.metrics.model_requests.labels(model, assigned, labels["status"]).inc(); state.metrics.model_latency.labels(model).observe(elapsed)
-        response.headers["x-model"] = model
     if labels["route"] != "/metrics":  # Prometheus scrapes every few seconds: not worth a line each
         log_request({"event": "predict" if request.state.log else "request", "request_id": request.state.request_id,
-                     "method": request.method, "path": labels["route"], "status": response.status_code,
+                     "method": request.method, "path": labels["route"], "status": status,
                      "latency_ms": round(1000 * elapsed, 2), "model_version": state.predictors[model].version, "model": model,
                      **({"assigned": assigned} if assigned else {}), **request.state.log, **failure})
 
-async def observe(request: Request, call_next) -> Response:
-    "The middleware around every request: its id, its timing, its metrics and its log line; a fault becomes a JSON 500."
-    request_id = request.headers.get("x-request-id", "")
-    request.state.request_id = request_id if _REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex
-    request.state.log, request.state.model = {}, None
-    started, failure = time.perf_counter(), {}
-    try: response = await call_next(request)
-    except Exception as e:  # a fault of ours: answered, counted and logged like any other request, never a bare 500
-        failure = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        response = JSONResponse({"detail": "internal error", "request_id": request.state.request_id}, status_code=500)
-    _count_and_log(request, response, time.perf_counter() - started, failure)
-    response.headers["x-request-id"] = request.state.request_id
-    return response
+def _fault_response(request: Request) -> JSONResponse:
+    "The 500 for a fault of the app's own, with the request id to quote (the Open Inference Protocol's shape on /v2)."
+    request_id = request.state.request_id
+    if request.url.path.startswith("/v2/"): return JSONResponse({"error": f"internal error (request_id {request_id})"}, status_code=500)
+    return JSONResponse({"detail": "internal error", "request_id": request_id}, status_code=500)
+
+class Observe:
+    "ASGI middleware around every request: its id, its timing, its metrics and its log line; a fault becomes a JSON 500."
+    def __init__(self, app): self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http": return await self.app(scope, receive, send)
+        request = Request(scope)
+        request_id = request.headers.get("x-request-id", "")
+        request.state.request_id = request_id if _REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex
+        request.state.log, request.state.model = {}, None
+        started, answer, failure = time.perf_counter(), {"status": 500, "started": False}, {}
+
+        async def send_observed(message):
+            if message["type"] == "http.response.start":
+                answer.update(status=message["status"], started=True)
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = request.state.request_id
+                if request.state.model: headers["x-model"] = request.state.model[0]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # counted and logged before the last byte leaves: whoever has the answer finds its log line written
+                _count_and_log(request, answer["status"], time.perf_counter() - started, failure)
+            await send(message)
+
+        try: await self.app(scope, receive, send_observed)
+        except Exception as e:  # a fault of ours: answered, counted and logged like any other request, never a bare 500
+            if answer["started"]: raise  # too late to answer: the server closes the connection
+            failure.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            await _fault_response(request)(scope, receive, send_observed)
 
 # %% ../nbs/05_serving.ipynb #55f6d21f
 ERROR_RESPONSES = {400: {"description": "malformed JSON"}, 413: {"description": "body too large"},
@@ -478,12 +499,14 @@ def create_app(settings: ServeSettings | None = None, # the serving settings; No
     app = FastAPI(title="mlops-basics: is this sentence grammatical?", version=__version__,
                   description="A CoLA classifier (ONNX Runtime). `POST /predict` with `{\"sentences\": [...]}`.")
     init_state(app, settings, predictors)
-    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)  # added first: runs inside `observe`, which sees its 413/415
-    app.middleware("http")(observe)
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)  # added first: runs inside `Observe`, which sees its 413/415
+    app.add_middleware(Observe)  # added last: the outermost, around everything else
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(413, body_too_large)
     add_predict_route(app)
     add_info_routes(app)
+    from mlops_basics.protocol import protocol_router  # imported here: the protocol module builds on this one
+    app.router.routes.extend(protocol_router().routes)  # the Open Inference Protocol (KServe v2) next to /predict; the routes themselves, so known_paths sees them
     app.state.known_paths = {route.path for route in app.routes}
     return app
 

@@ -24,6 +24,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
 
 
+PREFECT_VENV = ROOT/".venv-prefect"  # Prefect 3's pins clash with .venv's: the orchestration extra has its own (see the Makefile)
+
+
+@pytest.fixture(scope="session")
+def prefect_python() -> Path:
+    "The Python of .venv-prefect, made by `make prefect-venv` when missing or out of date."
+    proc = subprocess.run(["make", "-C", str(ROOT), "prefect-venv"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"make prefect-venv failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return PREFECT_VENV/"bin"/"python"
+
+
 @pytest.fixture(scope="session")
 def cola_path() -> Path:
     "The local CoLA copy (a directory with the raw TSVs and the release zip)."

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import run_workflow_step, workflow_job, workflow_step
 from mlops_basics.test_utils import BIN, free_port
+from rehearsal import registry_server
 from mlops_basics.test_containers import (BASE_IMAGE, CA_BUNDLE, ensure_base_image, make_build_context, podman, podman_env,
                                            remove_image, run_http_container)
 
@@ -28,22 +29,7 @@ REGION = "eu-west-1"
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     "Debian's docker-registry on 127.0.0.1 with storage in a temporary directory; yields host:port."
-    work, port = tmp_path_factory.mktemp("registry"), free_port()
-    config = work/"config.yml"
-    config.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {work/'data'}\n"
-                      f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2): break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline: raise AssertionError("docker-registry did not start")
-                time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate(); proc.wait(timeout=30)
+    with registry_server(tmp_path_factory.mktemp("registry")) as host: yield host
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Static checks of the files CI and AWS run: workflows (actionlint, yamllint), the SAM template (cfn-lint), and agreement between the template and the deploy module."""
+"""Static checks of the files CI and AWS run: workflows (actionlint, yamllint), the SAM template (cfn-lint), and agreement between the template and the deploy module;
+the KServe manifest against the Dockerfile and the app (no Kubernetes cluster runs here)."""
 import re
 import subprocess
 
@@ -19,7 +20,7 @@ def test_workflows_pass_actionlint():
 
 def test_yaml_passes_yamllint():
     files = [*sorted((ROOT/".github"/"workflows").glob("*.yml")), ROOT/"dvc.yaml", ROOT/"params.yaml", ROOT/"infra"/"template.yaml",
-             ROOT/"compose.yaml", *sorted((ROOT/"mlops_basics"/"conf").rglob("*.yaml"))]
+             ROOT/"compose.yaml", ROOT/"infra"/"kserve"/"inferenceservice.yaml", *sorted((ROOT/"mlops_basics"/"conf").rglob("*.yaml"))]
     proc = run(BIN/"yamllint", "--strict", "-c", ROOT/".yamllint.yaml", *files)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -91,3 +92,37 @@ def test_deploy_workflow_refuses_an_unset_smoke_url():
         proc = run_workflow_step(check["run"], ROOT, {"AWS_REGION": "eu-west-1", "SMOKE_URL": smoke_url}, timeout=30)
         assert proc.returncode == code, proc.stdout + proc.stderr
         assert ("variable SMOKE_URL is empty" in proc.stdout) == (code == 1)
+
+
+def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
+    "What can be checked of infra/kserve/inferenceservice.yaml without a cluster: its fields, and that they agree with the Dockerfile and the app."
+    import yaml
+    from mlops_basics.app import ServeSettings
+    from mlops_basics.deploy import DEFAULTS
+    from mlops_basics.protocol import protocol_router
+    service = yaml.safe_load((ROOT/"infra"/"kserve"/"inferenceservice.yaml").read_text())
+    assert (service["apiVersion"], service["kind"], service["metadata"]["name"]) == ("serving.kserve.io/v1beta1", "InferenceService", "mlops-basics")
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] in ("RawDeployment", "Serverless")
+    predictor = service["spec"]["predictor"]
+    assert set(predictor) <= {"minReplicas", "maxReplicas", "containers", "volumes"} and 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    [container] = predictor["containers"]
+    assert container["name"] == "kserve-container"  # KServe's predictor container; another name would be a sidecar
+    assert re.fullmatch(rf"[0-9]{{12}}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/{DEFAULTS['repository']}:[\w.-]+", container["image"])
+    dockerfile = (ROOT/"Dockerfile").read_text()
+    env = {e["name"]: e["value"] for e in container["env"]}
+    image_env = dict(re.findall(r"\b(PORT|WORKERS|MLOPS_SERVING_DIR)=(\S+)", dockerfile))
+    port = int(re.search(r"^EXPOSE (\d+)$", dockerfile, re.M)[1])
+    assert container["ports"] == [{"name": "http1", "containerPort": port, "protocol": "TCP"}] and env["PORT"] == image_env["PORT"] == str(port)
+    assert env["MLOPS_SERVING_DIR"] == image_env["MLOPS_SERVING_DIR"]
+    assert container["args"] == ["serve"] and "serve)" in (ROOT/"docker"/"entrypoint.sh").read_text()
+    known = set(ServeSettings.ENV.values()) | {"PORT", "WORKERS", "HOST"}
+    assert set(env) <= known, set(env) - known  # every variable is one the entrypoint or the app reads
+    ServeSettings.from_env(env)  # and the app accepts their values
+    routes = {r.path for r in protocol_router().routes}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == port and container[probe]["httpGet"]["path"] in routes
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    security = container["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"]) == (int(user[1]), int(user[2])) and security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True and {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {}} in predictor["volumes"]

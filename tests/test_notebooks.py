@@ -17,21 +17,30 @@ def has_flag(notebook: Path, flag: str) -> bool:
                for cell in cells)
 
 
-def nbdev_test(notebook: Path, *flags: str):
-    proc = subprocess.run([str(BIN/"nbdev_test"), "--path", str(notebook), "--n_workers", "0", *(["--flags", " ".join(flags)] if flags else [])],
+# Pages whose framework cannot share .venv (its pins clash with constraints.txt) run in their own environment.
+OWN_VENV = {"13_orchestration": "prefect_python"}
+
+
+def nbdev_test(notebook: Path, *flags: str, bin_dir: Path = BIN):
+    proc = subprocess.run([str(bin_dir/"nbdev_test"), "--path", str(notebook), "--n_workers", "0", *(["--flags", " ".join(flags)] if flags else [])],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"{notebook.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
 
 
+def bin_dir_for(notebook: Path, request) -> Path:
+    "The bin directory of the environment the page runs in: .venv's, or the one its fixture in OWN_VENV makes."
+    return request.getfixturevalue(OWN_VENV[notebook.stem]).parent if notebook.stem in OWN_VENV else BIN
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook(notebook):
-    nbdev_test(notebook)
+def test_notebook(notebook, request):
+    nbdev_test(notebook, bin_dir=bin_dir_for(notebook, request))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", [p for p in NOTEBOOKS if has_flag(p, "slow")], ids=lambda p: p.stem)
-def test_notebook_slow_cells(notebook):
-    nbdev_test(notebook, "slow")
+def test_notebook_slow_cells(notebook, request):
+    nbdev_test(notebook, "slow", bin_dir=bin_dir_for(notebook, request))
 
 
 def test_notebooks_are_clean_tutorial_pages():

@@ -54,7 +54,7 @@ def test_library_matches_the_notebooks(tmp_path):
     "nbdev_export into a copy changes nothing: the modules were exported from the committed notebooks."
     import shutil
     copy = tmp_path/"repo"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "artifacts", "benchmarks", "*.egg-info", "__pycache__", ".gpu", "_proc"))
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".venv-*", ".git", "artifacts", "benchmarks", "*.egg-info", "__pycache__", ".gpu", "_proc"))
     env = {k: v for k, v in os.environ.items() if k != "IN_TEST"}  # nbdev_export is a no-op under IN_TEST
     subprocess.run([str(BIN/"nbdev_export")], cwd=copy, check=True, env=env)
     for module in (ROOT/"mlops_basics").glob("*.py"):
@@ -62,8 +62,8 @@ def test_library_matches_the_notebooks(tmp_path):
 
 
 def test_importing_the_serving_side_does_not_import_torch():
-    probe = ("import sys, mlops_basics, mlops_basics.data, mlops_basics.artifacts, mlops_basics.inference; "
-             "print(sorted({'torch', 'transformers', 'pytorch_lightning', 'lightning'} & set(sys.modules)))")
+    probe = ("import sys, mlops_basics, mlops_basics.data, mlops_basics.artifacts, mlops_basics.inference, mlops_basics.protocol; "
+             "print(sorted({'torch', 'transformers', 'pytorch_lightning', 'lightning', 'mlserver'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

@@ -230,10 +230,11 @@ from fastapi.testclient import TestClient
 from mlops_basics.app import create_app, ServeSettings
 client = TestClient(create_app(ServeSettings(serving_dir={str(serving_dir)!r})))
 assert client.post("/predict", json={{"sentences": ["Hello there."]}}).status_code == 200
+assert client.post("/v2/models/main/infer", json={{"inputs": [{{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["Hi."]}}]}}).status_code == 200
 import os; os.environ["MLOPS_SERVING_DIR"] = {str(serving_dir)!r}
 from mlops_basics.lambda_handler import handler
 assert handler({{"sentence": "Hi."}}, None)["predictions"]
-print(json.dumps({{"heavy": sorted({{'torch', 'transformers', 'pytorch_lightning', 'lightning'}} & set(sys.modules)), "first_prediction_s": first}}))
+print(json.dumps({{"heavy": sorted({{'torch', 'transformers', 'pytorch_lightning', 'lightning', 'mlserver'}} & set(sys.modules)), "first_prediction_s": first}}))
 """
     out = subprocess.run([str(venv/"bin"/"python"), "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
