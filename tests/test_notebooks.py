@@ -52,3 +52,9 @@ def test_notebooks_are_clean_tutorial_pages():
         assert "\n> " in first, f"{notebook.name}: the title cell needs a '> summary' line"
         tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) <= 1, notebook.name
+
+
+def test_scaffolding_is_hidden():
+    "Test imports, the IN_TEST switch, environment set-up and cells of checks only carry `#| hide` (tools/hide_scaffolding.py)."
+    proc = subprocess.run([str(BIN/"python"), "tools/hide_scaffolding.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"run `python tools/hide_scaffolding.py` and commit:\n{proc.stdout}"
