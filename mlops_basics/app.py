@@ -466,8 +466,9 @@ def add_predict_route(app: FastAPI, # the app, after `init_state`
         predictions, stats = chosen.predict_with_stats(body.sentences)
         logged = _observe_predictions(state, name, chosen, predictions, body.sentences, stats)
         request.state.log = {"variant": chosen.variant, "n": len(predictions), "predictions": logged}
-        return PredictResponse(model_version=chosen.version, model=name, request_id=request.state.request_id,
-                               predictions=[LabelPrediction(**p.to_dict()) for p in predictions])
+        # `PredictResponse` documents the answer; built from our own values, it need not be validated again on every request
+        return JSONResponse({"model_version": chosen.version, "model": name, "request_id": request.state.request_id,
+                             "predictions": [p.to_dict() for p in predictions]})
 
 # %% ../nbs/05_serving.ipynb #93e41c6b
 def add_info_routes(app: FastAPI, # the app, after `init_state`
