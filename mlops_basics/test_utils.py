@@ -17,11 +17,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 # %% auto #0
 __all__ = ['BIN', 'TINY_BACKBONE', 'TINY_TRAIN', 'AWS_TEST_CREDENTIALS', 'free_port', 'http', 'wait_for_http', 'process_stopped',
-           'run_cli', 'json_lines', 'tiny_model_dir', 'tiny_serving_dir', 'serve', 'moto_server']
+           'run_cli', 'json_lines', 'tiny_model_dir', 'tiny_serving_dir', 'running_server', 'serve', 'moto_server']
 
 # %% ../nbs/97_test_utils.ipynb #e898b152
 _PORTS_GIVEN: set[int] = set()
@@ -131,6 +131,28 @@ def tiny_serving_dir(directory: str | Path, # the serving directory to write
 
 # %% ../nbs/97_test_utils.ipynb #02e35aa7
 @contextlib.contextmanager
+def running_server(command: Sequence[str], # the server's command line
+                   ready_path: str, # what answers 200 once it is up, e.g. "/health"
+                   port: int, # the 127.0.0.1 port it was told to listen on
+                   log: str | Path | None = None, # where its stdout goes (default: discarded)
+                   errors: str | Path | None = None, # where its stderr goes (default: `merge_stderr` decides)
+                   merge_stderr: bool = True, # without `errors`: stderr into `log` (True), or a pipe read only on failure
+                   env: dict[str, str] | None = None, # extra environment variables
+                   cwd: str | Path | None = None, # its working directory
+                   timeout: float = 120, # seconds to come up
+                  ) -> Iterator[str]:
+    "Any server on 127.0.0.1 until the block ends: started, awaited (failing with its own words), stopped; yields its base URL."
+    with open(log or os.devnull, "wb") as out, open(errors or os.devnull, "wb") as err:
+        stderr = err if errors else subprocess.STDOUT if merge_stderr and log else subprocess.PIPE
+        proc = subprocess.Popen([str(c) for c in command], stdout=out, stderr=stderr, env={**os.environ, **(env or {})}, cwd=cwd)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(url + ready_path, timeout, process_stopped(proc, errors or (log if merge_stderr else None)))
+            yield url
+        finally:
+            proc.terminate(); proc.wait(timeout=30)
+
+@contextlib.contextmanager
 def serve(*args: Any, # `mlops-serve` options, e.g. "--serving-dir", path
           log: str | Path, # where its stdout (the request log) goes
           errors: str | Path | None = None, # where its stderr goes (else a pipe, read on failure)
@@ -138,15 +160,9 @@ def serve(*args: Any, # `mlops-serve` options, e.g. "--serving-dir", path
          ) -> Iterator[str]:
     "`mlops-serve` on a free 127.0.0.1 port; yields its base URL."
     port = free_port()
-    with open(log, "wb") as out, open(errors or os.devnull, "wb") as err:
-        proc = subprocess.Popen([str(BIN/"mlops-serve"), *map(str, args), "--port", str(port)], stdout=out,
-                                stderr=err if errors else subprocess.PIPE, env={**os.environ, "MLOPS_THREADS": str(threads)})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for_http(f"{url}/health", stopped=process_stopped(proc, errors))
-            yield url
-        finally:
-            proc.terminate(); proc.wait(timeout=30)
+    with running_server([BIN/"mlops-serve", *args, "--port", port], "/health", port, log, errors, merge_stderr=False,
+                        env={"MLOPS_THREADS": str(threads)}) as url:
+        yield url
 
 AWS_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "eu-west-1"}
 
@@ -156,14 +172,10 @@ def moto_server(log: str | Path | None = None, # where the server's output goes 
     "A moto server on a free 127.0.0.1 port with dummy AWS credentials in the environment; yields its URL."
     port, saved = free_port(), {k: os.environ.get(k) for k in AWS_TEST_CREDENTIALS}
     os.environ.update(AWS_TEST_CREDENTIALS)
-    with open(log or os.devnull, "wb") as out:
-        proc = subprocess.Popen([str(BIN/"moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for_http(f"{url}/moto-api/", 60, process_stopped(proc, log))
-            yield url
-        finally:
-            proc.terminate(); proc.wait(timeout=30)
-            for k, v in saved.items():
-                if v is None: os.environ.pop(k, None)
-                else: os.environ[k] = v
+    try:
+        with running_server([BIN/"moto_server", "-H", "127.0.0.1", "-p", port], "/moto-api/", port, log, timeout=60) as url: yield url
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+

@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import ROOT
 from test_serving import raw_post  # a POST that tolerates the server answering 413 before the body is sent
-from mlops_basics.test_utils import free_port, http, process_stopped, serve, wait_for_http
+from mlops_basics.test_utils import free_port, http, running_server, serve
 
 JSON = {"Content-Type": "application/json"}
 SENTENCES = ["The book was read by the student.", "Book the the read.", "She sang beautifully.", "Who do you think that left?"]
@@ -203,15 +203,8 @@ def mlserver_url(mlserver_bin, serving_dir, tmp_path_factory):
     http_port = free_port()
     repository = mlserver_repository(work/"repository", serving_dir, variant="fp32", threads=1, max_batch_size=8, max_batch_time=0.05,
                                      http_port=http_port, grpc_port=free_port(), metrics_port=free_port())
-    log = work/"mlserver.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(mlserver_bin), "start", str(repository)], stdout=out, stderr=subprocess.STDOUT, cwd=work)
-        url = f"http://127.0.0.1:{http_port}"
-        try:
-            wait_for_http(f"{url}/v2/models/cola/ready", stopped=process_stopped(proc, log))
-            yield url
-        finally:
-            proc.terminate(); proc.wait(timeout=30)
+    with running_server([mlserver_bin, "start", repository], "/v2/models/cola/ready", http_port, work/"mlserver.log", cwd=work) as url:
+        yield url
 
 
 def test_mlserver_runs_the_predictor_and_answers_as_the_app(mlserver_url, protocol_server):
