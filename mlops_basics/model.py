@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,15 +28,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from .artifacts import git_state, package_versions, write_artifacts
 from .data import LABELS, ColaSplits, load_cola, locate_cola
+from .negatives import add_negatives
 
 # Lightning 2.6 trips over its own deprecated pytree check with torch 2.13: harmless, and noisy in every run.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # %% auto #0
-__all__ = ['BACKBONES', 'BackboneError', 'packaged_minilm_path', 'Backbone', 'resolve_backbone', 'quiet_transformers',
+__all__ = ['BACKBONES', 'NO_DECAY', 'BackboneError', 'packaged_minilm_path', 'Backbone', 'resolve_backbone', 'quiet_transformers',
            'load_backbone', 'encode', 'collate', 'LengthGroupedSampler', 'ColaDataModule', 'classification_metrics',
-           'ColaClassifier', 'training_callbacks', 'MetricsHistory', 'find_callback', 'load_checkpoint_weights',
-           'save_classifier']
+           'parameter_groups', 'reinit_top_layers', 'ColaClassifier', 'training_callbacks', 'MetricsHistory',
+           'find_callback', 'load_checkpoint_weights', 'save_classifier']
 
 # %% ../nbs/00c_model.ipynb #7b000f91
 class BackboneError(ValueError):
@@ -164,12 +166,13 @@ class ColaDataModule(pl.LightningDataModule):
                  num_workers: int = 0, # data loader worker processes
                  verify: bool = True, # check the files' sha256 against the official release
                  group_by_length: bool = True, # batch sentences of similar length together
-                 seed: int = 0, # seeds the training order
+                 seed: int = 0, # seeds the training order and the synthetic negatives
+                 negatives: float = 0.0, # synthetic negatives per training sentence (Week 0e); 0 adds none
                 ):
         super().__init__()
         self.tokenizer, self.source, self.verify = tokenizer, source, verify
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
-        self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
+        self.num_workers, self.group_by_length, self.seed, self.negatives = num_workers, group_by_length, seed, negatives
         self.splits: ColaSplits | None = None
 
     def prepare_data(self): locate_cola(self.source)
@@ -177,8 +180,11 @@ class ColaDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None):
         if self.splits is not None: return
         self.splits = load_cola(self.source, verify=self.verify)
-        def features(examples): return encode(self.tokenizer, [e.sentence for e in examples], self.max_length, [e.label for e in examples])
-        self.train_features, self.val_features = features(self.splits.train), features(self.splits.validation)
+        train = self.splits.train  # negatives join the training split only: validation stays CoLA's own
+        sentences, labels = add_negatives([e.sentence for e in train], [e.label for e in train], self.negatives, self.seed)
+        self.train_features = encode(self.tokenizer, sentences, self.max_length, labels)
+        val = self.splits.validation
+        self.val_features = encode(self.tokenizer, [e.sentence for e in val], self.max_length, [e.label for e in val])
 
     def _loader(self, features, batch_size, sampler=None):
         return DataLoader(features, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
@@ -200,6 +206,42 @@ def classification_metrics(prefix: str = "val_", # prepended to each metric's na
     return MetricCollection({"mcc": BinaryMatthewsCorrCoef(), "accuracy": BinaryAccuracy(), "f1": BinaryF1Score(),
                              "precision": BinaryPrecision(), "recall": BinaryRecall()}, prefix=prefix)
 
+# %% ../nbs/00c_model.ipynb #24c835e5
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")  # parameters AdamW should not shrink
+
+def _layer_depth(name: str, # a parameter's name
+                 n_layers: int, # the encoder's layer count
+                ) -> int:
+    "0 for the embeddings, i + 1 for encoder layer i, `n_layers + 1` for the pooler and the head."
+    if ".embeddings." in f".{name}": return 0
+    if (found := re.search(r"\.layer\.(\d+)\.", name)): return int(found.group(1)) + 1
+    return n_layers + 1
+
+def parameter_groups(model: transformers.PreTrainedModel, # a Hugging Face classifier
+                     learning_rate: float, # the head's (peak) learning rate
+                     weight_decay: float, # AdamW decay for weights (not biases or norms)
+                     layer_decay: float = 1.0, # learning-rate factor per layer going down; 1 gives every layer the same rate
+                    ) -> list[dict[str, Any]]:
+    "AdamW parameter groups: one per depth and decay kind, each with its learning rate."
+    if not 0 < layer_decay <= 1: raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    n_layers = model.config.num_hidden_layers
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        depth, decays = _layer_depth(name, n_layers), not name.endswith(NO_DECAY)
+        group = groups.setdefault((depth, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0, "depth": depth,
+                                                    "lr": learning_rate * layer_decay ** (n_layers + 1 - depth)})
+        group["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+def reinit_top_layers(model: transformers.PreTrainedModel, # a Hugging Face encoder classifier
+                      n: int, # how many of the top encoder layers to re-initialise
+                     ) -> transformers.PreTrainedModel:
+    "`model` with its top `n` encoder layers re-initialised as the architecture initialises new weights."
+    layers = model.base_model.encoder.layer
+    if not 0 <= n <= len(layers): raise ValueError(f"reinit_layers must be between 0 and {len(layers)}, got {n}")
+    for layer in layers[len(layers) - n:]: layer.apply(model._init_weights)
+    return model
+
 # %% ../nbs/00c_model.ipynb #35539774
 class ColaClassifier(pl.LightningModule):
     "Fine-tunes a Hugging Face sequence classifier on CoLA."
@@ -208,10 +250,13 @@ class ColaClassifier(pl.LightningModule):
                  learning_rate: float = 5e-5, # peak learning rate
                  weight_decay: float = 0.01, # AdamW decay for weights (not biases or norms)
                  warmup_ratio: float = 0.1, # share of steps spent warming up
+                 layer_decay: float = 1.0, # each layer below the head learns at this times the rate of the one above; 1 turns it off
+                 reinit_layers: int = 0, # re-initialise this many of the encoder's top layers before training
                 ):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model.train()  # transformers 5 loads in eval mode and Lightning would keep dropout off
+        if reinit_layers: reinit_top_layers(self.model, reinit_layers)
         self.val_metrics = classification_metrics("val_")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -232,10 +277,7 @@ class ColaClassifier(pl.LightningModule):
         self.val_metrics.reset()
 
     def configure_optimizers(self):
-        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-        named = list(self.model.named_parameters())
-        groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": self.hparams.weight_decay},
-                  {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
+        groups = parameter_groups(self.model, self.hparams.learning_rate, self.hparams.weight_decay, self.hparams.layer_decay)
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio*total), total)

@@ -51,6 +51,7 @@ class DataConfig:
     eval_batch_size: int = 128  # validation batch size
     num_workers: int = 0  # data loader worker processes
     group_by_length: bool = True  # batch sentences of similar length together
+    synthetic_negatives: float = 0.0  # rule-made ungrammatical sentences per training sentence (Week 0e); 0 adds none
 
 @dataclass
 class TrainingConfig:
@@ -62,6 +63,8 @@ class TrainingConfig:
     patience: int = 3  # validations without improvement before early stopping
     checkpoint_every_n_steps: int = 200  # how often the resumable checkpoint is refreshed
     resume: bool = True  # continue an interrupted run with the same config
+    layer_decay: float = 1.0  # learning-rate factor per encoder layer going down (1: the same rate everywhere)
+    reinit_layers: int = 0  # encoder layers re-initialised from the top before training
 
 @dataclass
 class TrainerConfig:
@@ -163,6 +166,9 @@ def validate_config(cfg: DictConfig, # a composed training config
         (cfg.trainer.max_epochs >= 1 or cfg.trainer.max_steps > 0, "trainer.max_epochs must be at least 1 (or set trainer.max_steps)"),
         (cfg.trainer.num_threads >= 0, "trainer.num_threads must be 0 (torch's default) or more"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (cfg.data.synthetic_negatives >= 0, "data.synthetic_negatives must be 0 or more"),
+        (0 < cfg.training.layer_decay <= 1, "training.layer_decay must be in (0, 1]"),
+        (cfg.training.reinit_layers >= 0, "training.reinit_layers must be 0 or more"),
     ]
     problems = [f"{message}, got {_value_of(cfg, message.split()[0])!r}" for ok, message in checks if not ok]
     try: resolve_backbone(cfg.model.backbone)
@@ -238,7 +244,8 @@ def _datamodule(cfg: DictConfig, tokenizer):
     from mlops_basics.model import ColaDataModule
     d = cfg.data
     return ColaDataModule(tokenizer, source=d.source, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, max_length=d.max_length,
-                          num_workers=d.num_workers, verify=d.verify_checksums, group_by_length=d.group_by_length, seed=cfg.training.seed)
+                          num_workers=d.num_workers, verify=d.verify_checksums, group_by_length=d.group_by_length, seed=cfg.training.seed,
+                          negatives=d.synthetic_negatives)
 
 def _validate_best(trainer, classifier, datamodule) -> tuple[str | None, list[dict], Any]:
     "Reload the best checkpoint's weights (by validation MCC) into `classifier` and score the validation split: (best path, history, report)."
@@ -268,7 +275,8 @@ def train(cfg: DictConfig, # a composed training config (see `compose_config`)
     pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
     model, tokenizer = load_backbone(cfg.model.backbone, seed=cfg.training.seed, dropout=cfg.model.dropout)
     datamodule = _datamodule(cfg, tokenizer)
-    classifier = ColaClassifier(model, cfg.training.learning_rate, cfg.training.weight_decay, cfg.training.warmup_ratio)
+    t = cfg.training
+    classifier = ColaClassifier(model, t.learning_rate, t.weight_decay, t.warmup_ratio, t.layer_decay, t.reinit_layers)
     lg = cfg.logger
     logger = make_logger(lg.kind.value, cfg.paths.log_dir, lg.project, lg.run_name, lg.mode.value, lg.entity, lg.tags)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -1,0 +1,108 @@
+"""Measure training recipes ("levers") on the same budget: GLUE validation MCC and the behaviour suite, over seeds.
+
+Each recipe is a set of Hydra overrides of the default training config (`mlops-train`). A run trains into
+benchmarks/runs/recipes/<recipe>-s<seed>/, scores the best checkpoint's PyTorch model with the behaviour suite
+(nbs/11_model_tests.ipynb), and writes run.json there; `--collect` gathers every run.json into
+benchmarks/results/recipes.json (mean and spread of MCC per recipe), which the benchmarks page draws.
+Runs are independent, so two can share the machine (`--threads 1` each):
+
+    python benchmarks/recipe_benchmark.py negatives_0.5 --seeds 42 43 --threads 1
+    python benchmarks/recipe_benchmark.py --collect
+"""
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT/"benchmarks"/"runs"/"recipes"
+RESULT = ROOT/"benchmarks"/"results"/"recipes.json"
+RECIPES = {  # name -> (what it changes, Hydra overrides)
+    "baseline": ("the default config before this benchmark: CLS pooler head, lr 5e-5, 6 epochs", []),
+    "negatives_0.25": ("synthetic negatives at a quarter of the training set", ["data.synthetic_negatives=0.25"]),
+    "negatives_0.5": ("synthetic negatives at half the training set", ["data.synthetic_negatives=0.5"]),
+    "negatives_1.0": ("synthetic negatives as many as the training set", ["data.synthetic_negatives=1.0"]),
+    "llrd_0.8": ("layer-wise learning-rate decay 0.8, head at 1e-4", ["training.layer_decay=0.8", "training.learning_rate=1e-4"]),
+    "negatives_0.5+llrd_0.8": ("negatives 0.5 and layer decay 0.8, head at 1e-4",
+                               ["data.synthetic_negatives=0.5", "training.layer_decay=0.8", "training.learning_rate=1e-4"]),
+    "negatives_0.5+reinit_1": ("negatives 0.5 and the top encoder layer re-initialised", ["data.synthetic_negatives=0.5", "training.reinit_layers=1"]),
+    "reinit_1": ("the top encoder layer re-initialised", ["training.reinit_layers=1"]),
+    "long_low_lr": ("10 epochs at a peak of 3e-5", ["trainer.max_epochs=10", "training.learning_rate=3e-5"]),
+}
+
+
+def run_dir(recipe: str, seed: int) -> Path: return RUNS/f"{recipe}-s{seed}"
+
+
+def behaviour(model_dir: Path) -> dict:
+    "Pass rates of the behaviour suite on the trained PyTorch model."
+    from mlops_basics.behaviour import run_suite
+    from mlops_basics.inference import Predictor
+    report = run_suite(Predictor(model_dir))
+    return {name: {"passed": r["passed"], "cases": r["cases"], "pass_rate": r["pass_rate"]} for name, r in report["capabilities"].items()}
+
+
+def run(recipe: str, seed: int, threads: int, extra: list[str]) -> dict:
+    "Train one recipe with one seed and record what it reached."
+    from mlops_basics.artifacts import read_metadata, write_json
+    out = run_dir(recipe, seed)
+    overrides = [*RECIPES[recipe][1], *extra, f"training.seed={seed}", f"trainer.num_threads={threads}"]
+    command = [str(Path(sys.executable).parent/"mlops-train"), f"paths.root={out}", "training.resume=false", "logger=none",
+               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"hydra.run.dir={out}/hydra", *overrides]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    wall = time.perf_counter() - started
+    metadata = read_metadata(out/"model")
+    record = {"recipe": recipe, "seed": seed, "overrides": overrides, "threads": threads, "wall_s": round(wall, 1),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024),
+              "mcc": round(metadata["metrics"]["mcc"], 4), "best_epoch": max(metadata["history"], key=lambda h: h["val_mcc"])["epoch"],
+              "mcc_by_epoch": [round(h["val_mcc"], 4) for h in metadata["history"]], "behaviour": behaviour(out/"model"),
+              "date": dt.date.today().isoformat()}
+    write_json(record, out/"run.json")
+    return record
+
+
+def collect() -> dict:
+    "benchmarks/results/recipes.json from every recorded run: per recipe, MCC mean and spread over seeds and mean pass rates."
+    from mlops_basics.artifacts import package_versions, write_json
+    runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/run.json"))]
+    recipes = {}
+    for name in dict.fromkeys(r["recipe"] for r in runs):
+        mine = [r for r in runs if r["recipe"] == name]
+        mccs = [r["mcc"] for r in mine]
+        rates = {cap: round(sum(r["behaviour"][cap]["pass_rate"] for r in mine)/len(mine), 4) for cap in mine[0]["behaviour"]}
+        recipes[name] = {"what": RECIPES.get(name, ("", []))[0], "overrides": RECIPES.get(name, ("", []))[1], "seeds": [r["seed"] for r in mine],
+                         "mcc": mccs, "mcc_mean": round(sum(mccs)/len(mccs), 4), "mcc_spread": round(max(mccs) - min(mccs), 4),
+                         "minutes": round(sum(r["wall_s"] for r in mine)/len(mine)/60, 1), "threads": sorted({r["threads"] for r in mine}),
+                         "pass_rates": rates}
+    result = {"what": "training recipes for all-MiniLM-L6-v2 on CoLA, each on the default budget (6 epochs, early stopping on validation MCC)",
+              "machine": f"{os.cpu_count()} CPU cores", "date": dt.date.today().isoformat(),
+              "note": "minutes are per run with the threads listed; two runs shared the 2 cores, so a run alone on both cores takes roughly 0.6x as long",
+              "recipes": recipes, "runs": runs, "versions": package_versions(("torch", "transformers", "pytorch-lightning"))}
+    write_json(result, RESULT)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="*", help=f"recipes to run: {', '.join(RECIPES)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42]); parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--collect", action="store_true", help="gather the recorded runs into benchmarks/results/recipes.json")
+    parser.add_argument("--override", action="append", default=[], help="an extra Hydra override for every run (e.g. trainer.max_epochs=1)")
+    args = parser.parse_args(argv)
+    if unknown := [r for r in args.recipes if r not in RECIPES]: parser.error(f"unknown recipes {unknown}: use {', '.join(RECIPES)}")
+    for recipe in args.recipes:
+        for seed in args.seeds:
+            r = run(recipe, seed, args.threads, args.override)
+            print(f"{recipe} seed {seed}: MCC {r['mcc']:.4f} in {r['wall_s']/60:.1f} min; unacceptable rejected {r['behaviour']['mft_unacceptable']['pass_rate']:.0%}", flush=True)
+    if args.collect:
+        for name, r in collect()["recipes"].items(): print(f"{name:<28} MCC {r['mcc_mean']:.4f} ± {r['mcc_spread']/2:.4f} over {len(r['seeds'])} seeds, {r['minutes']} min")
+
+
+if __name__ == "__main__":
+    main()
