@@ -121,6 +121,20 @@ def test_suite_sentences_cover_the_whole_suite():
         assert suite_sentences(seed) == listed and len(listed) > 900
 
 
+def test_suite_is_apart_from_cola_and_its_synthetic_negatives(cola_path):
+    "No suite sentence is a CoLA sentence, nor one the negatives generator makes from CoLA's training split (case and spacing ignored)."
+    from mlops_basics.behaviour import suite_sentences
+    from mlops_basics.data import load_cola
+    from mlops_basics.negatives import synthetic_negatives
+    splits = load_cola(cola_path)
+    negatives = synthetic_negatives([e.sentence for e in splits.train if e.label == 1], n=len(splits.train), seed=0)
+    assert len(negatives) > 1000
+    def normal(sentences): return {" ".join(s.lower().split()) for s in sentences}
+    suite = normal(suite_sentences())
+    assert suite.isdisjoint(normal(e.sentence for e in splits.train + splits.validation))
+    assert suite.isdisjoint(normal(s for s, _ in negatives))
+
+
 def test_benchmark_writes_the_measured_thresholds_into_the_notebook(serving_dir, tmp_path):
     "One command after retraining: the measurement, and the THRESHOLDS cell rewritten (only that cell) to what it justifies."
     notebook = tmp_path/"11_model_tests.ipynb"
