@@ -7,7 +7,7 @@ __all__ = ['DEFAULT_MODEL', 'MULTIPROC_ENV', 'LATENCY_BUCKETS', 'REQUEST_LOGGER'
            'parse_split', 'sticky_assignment', 'ServeSettings', 'request_model', 'LabelPrediction', 'PredictResponse',
            'ServingMetrics', 'configure_request_logging', 'log_request', 'JSONLogFormatter', 'server_log_config',
            'too_large', 'RequestLimits', 'model_details', 'load_predictors', 'init_state', 'choose_model', 'Observe',
-           'invalid_request', 'body_too_large', 'Batcher', 'predict_for_request', 'add_predict_route',
+           'invalid_request', 'body_too_large', 'merges_exactly', 'Batcher', 'predict_for_request', 'add_predict_route',
            'add_info_routes', 'create_app', 'app_from_env', 'main']
 
 # %% ../nbs/05_serving.ipynb #ff945f6c
@@ -110,17 +110,18 @@ class ServeSettings:
     models: Optional[str] = None  # several models, "name=dir[@variant],…"; None: `serving_dir` alone, named "main" (MLOPS_MODELS)
     live_model: Optional[str] = None  # the model a request gets when nothing picks another; None: the first (MLOPS_LIVE_MODEL)
     ab_split: Optional[str] = None  # sticky A/B split of requests with an X-User-ID, "name=weight,…" (MLOPS_AB_SPLIT)
-    batching: bool = True  # merge concurrent requests for one model into one ONNX Runtime call (MLOPS_BATCHING)
+    batching: Optional[bool] = False  # merge concurrent requests for one model into one ONNX Runtime call; None (auto): fp32 models only (MLOPS_BATCHING: true, false or auto)
     max_batch_sentences: int = 64  # sentences per merged call at most; a request with more runs alone (MLOPS_MAX_BATCH_SENTENCES)
     max_wait_ms: float = 0.0  # how long a merged call waits for more requests; 0: it takes what is queued (MLOPS_MAX_WAIT_MS)
+    batch_calls: int = 2  # merged calls at once per model: while one runs, the next can start (MLOPS_BATCH_CALLS)
 
     ENV = {"serving_dir": "MLOPS_SERVING_DIR", "variant": "MLOPS_MODEL_VARIANT", "threads": "MLOPS_THREADS", "max_batch": "MLOPS_MAX_BATCH",
            "max_chars": "MLOPS_MAX_CHARS", "max_body_bytes": "MLOPS_MAX_BODY_BYTES", "log_text": "MLOPS_LOG_TEXT", "models": "MLOPS_MODELS",
            "live_model": "MLOPS_LIVE_MODEL", "ab_split": "MLOPS_AB_SPLIT", "batching": "MLOPS_BATCHING",
-           "max_batch_sentences": "MLOPS_MAX_BATCH_SENTENCES", "max_wait_ms": "MLOPS_MAX_WAIT_MS"}
+           "max_batch_sentences": "MLOPS_MAX_BATCH_SENTENCES", "max_wait_ms": "MLOPS_MAX_WAIT_MS", "batch_calls": "MLOPS_BATCH_CALLS"}
 
     def __post_init__(self):
-        for name in ("max_batch", "max_chars", "max_body_bytes", "max_batch_sentences"):
+        for name in ("max_batch", "max_chars", "max_body_bytes", "max_batch_sentences", "batch_calls"):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.max_wait_ms < float("inf"): raise ValueError(f"max_wait_ms must be 0 or more milliseconds, got {self.max_wait_ms}")
         if self.threads < 0: raise ValueError(f"threads must be 0 or more, got {self.threads}")
@@ -147,14 +148,16 @@ class ServeSettings:
         for f in fields(cls):
             raw = environ.get(cls.ENV[f.name])
             if raw is None or raw == "": continue
-            if f.name in ("threads", "max_batch", "max_chars", "max_body_bytes", "max_batch_sentences"):
+            if f.name in ("threads", "max_batch", "max_chars", "max_body_bytes", "max_batch_sentences", "batch_calls"):
                 if not re.fullmatch(r"\d+", raw.strip()): raise ValueError(f"{cls.ENV[f.name]} must be a whole number, got {raw!r}")
                 values[f.name] = int(raw)
             elif f.name == "max_wait_ms":
                 try: values[f.name] = float(raw)
                 except ValueError: raise ValueError(f"{cls.ENV[f.name]} must be a number of milliseconds, got {raw!r}") from None
+            elif f.name == "batching" and raw.lower() == "auto": values[f.name] = None
             elif f.name in ("log_text", "batching"):
-                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"): raise ValueError(f"{cls.ENV[f.name]} must be true or false, got {raw!r}")
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"{cls.ENV[f.name]} must be true or false{' (or auto)' * (f.name == 'batching')}, got {raw!r}")
                 values[f.name] = raw.lower() in ("1", "true", "yes")
             else: values[f.name] = raw
         return cls(**values)
@@ -375,7 +378,8 @@ def init_state(app: FastAPI, # the app to set up
     for name in predictors: state.metrics.add_model(name, details[name], name == state.live)
     for name, share in (state.split or {}).items(): state.metrics.ab_share.labels(name).set(share)
     state.batchers = {name: Batcher(p, settings.max_batch_sentences, settings.max_wait_ms, functools.partial(state.metrics.observe_batch, name),
-                                    enabled=settings.batching) for name, p in predictors.items()}
+                                    enabled=merges_exactly(p) if settings.batching is None else settings.batching, calls=settings.batch_calls)
+                     for name, p in predictors.items()}
     state.ready = {"status": "ready", "model": {"name": state.live, **details[state.live]}, "live": state.live, "models": details,
                    "ab_split": state.split}
 
@@ -468,6 +472,10 @@ async def body_too_large(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"detail": too_large(request.app.state.settings.max_body_bytes)}, status_code=413)
 
 # %% ../nbs/05_serving.ipynb #e68266e1
+def merges_exactly(predictor: ONNXPredictor) -> bool:
+    "Whether a request's answers stay exactly as they are alone when its call holds other requests: fp32, not int8 (one quantization scale per call)."
+    return predictor.variant != "int8"
+
 class Batcher:
     "Merges concurrent predictions for one model into one predictor call: its worker takes what is queued as soon as the last call returns."
     def __init__(self, predictor: ONNXPredictor, # the model
@@ -475,26 +483,30 @@ class Batcher:
                  max_wait_ms: float = 0.0, # how long a call waits for the queue to fill up to `max_sentences`; 0: it takes what is queued
                  observe: Optional[Callable[[int, int], None]] = None, # told (requests, sentences) of each call, for the metrics
                  enabled: bool = True, # False: each request gets a call of its own
+                 calls: int = 1, # calls at once: while one runs, another worker can take the next requests
                 ):
         self.predictor, self.max_sentences, self.max_wait_ms, self.observe, self.enabled = predictor, max_sentences, max_wait_ms, observe, enabled
+        self.calls = calls
         self._queue: deque[tuple[list[str], asyncio.Future]] = deque()
-        self._worker: Optional[asyncio.Task] = None
+        self._workers: set[asyncio.Task] = set()
 
     async def predict_with_stats(self, sentences: list[str], # one request's sentences
                                 ) -> tuple[list[Prediction], list[tuple[int, int]]]:
         "The predictor's `predict_with_stats(sentences)`, computed in one call with the other requests queued for this model."
         loop = asyncio.get_running_loop()
-        if not self.enabled or (self._worker is not None and self._worker.get_loop() is not loop):  # a second event loop (a test client's) runs alone
+        if not self.enabled or any(w.get_loop() is not loop for w in self._workers):  # a second event loop (a test client's) runs alone
             return (await self._call([sentences]))[0]
         future = loop.create_future()
         self._queue.append((sentences, future))
-        if self._worker is None: self._filled, self._worker = asyncio.Event(), loop.create_task(self._work())
+        if not self._workers: self._filled = asyncio.Event()
+        if len(self._workers) < self.calls: self._workers.add(loop.create_task(self._work()))
         if sum(len(s) for s, _ in self._queue) >= self.max_sentences: self._filled.set()
         return await future
 
     async def close(self) -> None:
         "Wait until every queued request is answered: the app's shutdown calls it."
-        if self._worker is not None and self._worker.get_loop() is asyncio.get_running_loop(): await asyncio.wait([self._worker])
+        workers = [w for w in self._workers if w.get_loop() is asyncio.get_running_loop()]
+        if workers: await asyncio.wait(workers)
 
     async def _call(self, batch: list[list[str]]) -> list[tuple[list[Prediction], list[tuple[int, int]]]]:
         "Each request's predictions and stats, from one predictor call (in a thread: the event loop keeps serving)."
@@ -513,8 +525,8 @@ class Batcher:
                     with contextlib.suppress(asyncio.TimeoutError): await asyncio.wait_for(self._filled.wait(), self.max_wait_ms / 1000)
                 await self._answer(self._take())
         finally:
-            self._worker = None
-            while self._queue: self._queue.popleft()[1].cancel()  # left only if the worker itself was cancelled: nobody would answer them
+            self._workers.discard(asyncio.current_task())
+            while self._queue and not self._workers: self._queue.popleft()[1].cancel()  # left only if the worker itself was cancelled: nobody would answer them
 
     def _take(self) -> list[tuple[list[str], asyncio.Future]]:
         "The next call's requests, in arrival order: the first one queued, then as many as fit in `max_sentences`."
@@ -527,6 +539,7 @@ class Batcher:
 
     async def _answer(self, batch: list[tuple[list[str], asyncio.Future]]) -> None:
         "Answer each request of `batch` from one call; if that call fails, each from a call of its own, so a failure stays with its request."
+        if not batch: return  # another worker took them first
         try:
             try: answers = await self._call([sentences for sentences, _ in batch])
             except Exception as e: answers = [e] if len(batch) == 1 else [await self._alone(sentences) for sentences, _ in batch]
@@ -652,14 +665,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", metavar="NAME=DIR[@VARIANT]", help="serve several models (repeat the option)")
     parser.add_argument("--live", help="the model requests get by default (default: the first --model)")
     parser.add_argument("--ab-split", metavar="NAME=WEIGHT,...", help="sticky A/B split of requests that carry an X-User-ID")
-    parser.add_argument("--no-batching", action="store_true", help="one ONNX Runtime call per request, never merged")
+    parser.add_argument("--batching", choices=["auto", "on", "off"], help="merge concurrent requests for a model into one call (auto: fp32 models only)")
     parser.add_argument("--max-batch-sentences", type=int, help="sentences per merged call at most")
     parser.add_argument("--max-wait-ms", type=float, help="how long a merged call waits for more requests (default 0)")
     args = parser.parse_args(argv)
     overrides = {"MLOPS_SERVING_DIR": args.serving_dir, "MLOPS_MODEL_VARIANT": args.variant, "MLOPS_THREADS": args.threads,
                  "MLOPS_MAX_BATCH": args.max_batch, "MLOPS_MAX_CHARS": args.max_chars, "MLOPS_LOG_TEXT": "true" if args.log_text else None,
                  "MLOPS_MODELS": ",".join(args.model) if args.model else None, "MLOPS_LIVE_MODEL": args.live, "MLOPS_AB_SPLIT": args.ab_split,
-                 "MLOPS_BATCHING": "false" if args.no_batching else None, "MLOPS_MAX_BATCH_SENTENCES": args.max_batch_sentences,
+                 "MLOPS_BATCHING": {"on": "true", "off": "false"}.get(args.batching, args.batching), "MLOPS_MAX_BATCH_SENTENCES": args.max_batch_sentences,
                  "MLOPS_MAX_WAIT_MS": args.max_wait_ms}
     os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})  # the workers read these
     try:

@@ -313,7 +313,7 @@ def test_concurrent_requests_share_one_call_and_each_gets_its_own_answers(servin
                 if s.name.startswith("mlops_batch_") and s.name.endswith(("_count", "_sum"))}
     out, err = tmp_path/"stdout.log", tmp_path/"stderr.log"
     # a long max_wait_ms and a call size of exactly the 8 sentences: the worker waits until all four requests are queued, whatever the timing
-    with serve("--serving-dir", serving_dir, "--variant", "fp32", "--max-batch-sentences", 8, "--max-wait-ms", 600_000, log=out, errors=err) as url:
+    with serve("--serving-dir", serving_dir, "--variant", "fp32", "--batching", "on", "--max-batch-sentences", 8, "--max-wait-ms", 600_000, log=out, errors=err) as url:
         with ThreadPoolExecutor(len(requests)) as pool: answers = list(pool.map(lambda r: ask(url, *r), requests))
         batches = samples(url)
     for (_, sentences), answer in zip(requests, answers):
@@ -340,7 +340,7 @@ def test_a_failing_request_in_a_merged_call_fails_alone(serving_dir):
             if "poison" in sentences: raise ValueError("the model cannot take this sentence")
             return super().predict_with_stats(sentences)
     predictor = Refusing(serving_dir, "fp32", threads=1)
-    app = create_app(ServeSettings(serving_dir=str(serving_dir), max_batch_sentences=3, max_wait_ms=600_000), predictor=predictor)
+    app = create_app(ServeSettings(serving_dir=str(serving_dir), batching=True, max_batch_sentences=3, max_wait_ms=600_000), predictor=predictor)
     with TestClient(app) as client:  # one event loop for all requests, as in a server
         def ask(sentence: str):
             return client.post("/predict", json={"sentences": [sentence]})
