@@ -7,8 +7,8 @@ __all__ = ['DEFAULT_MODEL', 'MULTIPROC_ENV', 'LATENCY_BUCKETS', 'REQUEST_LOGGER'
            'parse_split', 'sticky_assignment', 'ServeSettings', 'request_model', 'LabelPrediction', 'PredictResponse',
            'ServingMetrics', 'configure_request_logging', 'log_request', 'JSONLogFormatter', 'server_log_config',
            'too_large', 'RequestLimits', 'model_details', 'load_predictors', 'init_state', 'choose_model', 'Observe',
-           'invalid_request', 'body_too_large', 'add_predict_route', 'add_info_routes', 'create_app', 'app_from_env',
-           'main']
+           'invalid_request', 'body_too_large', 'merges_exactly', 'Batcher', 'predict_for_request', 'add_predict_route',
+           'add_info_routes', 'create_app', 'app_from_env', 'main']
 
 # %% ../nbs/05_serving.ipynb #ff945f6c
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and the request
@@ -16,7 +16,11 @@ __all__ = ['DEFAULT_MODEL', 'MULTIPROC_ENV', 'LATENCY_BUCKETS', 'REQUEST_LOGGER'
 # Over 300 lines for one concern, the web service: the container and the Lambda handler import it from one module, and
 # the page presents settings, schema, metrics, logs, limits, the page and the routes in the order a request meets them.
 import argparse
+import asyncio
+import contextlib
 import datetime as dt
+import functools
+import itertools
 import hashlib
 import json
 import logging
@@ -28,18 +32,21 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections import deque
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from .artifacts import ArtifactsError
+from .inference import Prediction
 from .predictor import ONNXPredictor
 
 # %% ../nbs/05_serving.ipynb #bf268593
@@ -103,14 +110,20 @@ class ServeSettings:
     models: Optional[str] = None  # several models, "name=dir[@variant],…"; None: `serving_dir` alone, named "main" (MLOPS_MODELS)
     live_model: Optional[str] = None  # the model a request gets when nothing picks another; None: the first (MLOPS_LIVE_MODEL)
     ab_split: Optional[str] = None  # sticky A/B split of requests with an X-User-ID, "name=weight,…" (MLOPS_AB_SPLIT)
+    batching: Optional[bool] = False  # merge concurrent requests for one model into one ONNX Runtime call; None (auto): fp32 models only (MLOPS_BATCHING: true, false or auto)
+    max_batch_sentences: int = 64  # sentences per merged call at most; a request with more runs alone (MLOPS_MAX_BATCH_SENTENCES)
+    max_wait_ms: float = 0.0  # how long a merged call waits for more requests; 0: it takes what is queued (MLOPS_MAX_WAIT_MS)
+    batch_calls: int = 2  # merged calls at once per model: while one runs, the next can start (MLOPS_BATCH_CALLS)
 
     ENV = {"serving_dir": "MLOPS_SERVING_DIR", "variant": "MLOPS_MODEL_VARIANT", "threads": "MLOPS_THREADS", "max_batch": "MLOPS_MAX_BATCH",
            "max_chars": "MLOPS_MAX_CHARS", "max_body_bytes": "MLOPS_MAX_BODY_BYTES", "log_text": "MLOPS_LOG_TEXT", "models": "MLOPS_MODELS",
-           "live_model": "MLOPS_LIVE_MODEL", "ab_split": "MLOPS_AB_SPLIT"}
+           "live_model": "MLOPS_LIVE_MODEL", "ab_split": "MLOPS_AB_SPLIT", "batching": "MLOPS_BATCHING",
+           "max_batch_sentences": "MLOPS_MAX_BATCH_SENTENCES", "max_wait_ms": "MLOPS_MAX_WAIT_MS", "batch_calls": "MLOPS_BATCH_CALLS"}
 
     def __post_init__(self):
-        for name in ("max_batch", "max_chars", "max_body_bytes"):
+        for name in ("max_batch", "max_chars", "max_body_bytes", "max_batch_sentences", "batch_calls"):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.max_wait_ms < float("inf"): raise ValueError(f"max_wait_ms must be 0 or more milliseconds, got {self.max_wait_ms}")
         if self.threads < 0: raise ValueError(f"threads must be 0 or more, got {self.threads}")
         specs = self.model_specs()  # refuse a bad model list or split now, not at the first request
         if self.live_model is not None and self.live_model not in specs:
@@ -135,11 +148,16 @@ class ServeSettings:
         for f in fields(cls):
             raw = environ.get(cls.ENV[f.name])
             if raw is None or raw == "": continue
-            if f.name in ("threads", "max_batch", "max_chars", "max_body_bytes"):
+            if f.name in ("threads", "max_batch", "max_chars", "max_body_bytes", "max_batch_sentences", "batch_calls"):
                 if not re.fullmatch(r"\d+", raw.strip()): raise ValueError(f"{cls.ENV[f.name]} must be a whole number, got {raw!r}")
                 values[f.name] = int(raw)
-            elif f.name == "log_text":
-                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"): raise ValueError(f"{cls.ENV[f.name]} must be true or false, got {raw!r}")
+            elif f.name == "max_wait_ms":
+                try: values[f.name] = float(raw)
+                except ValueError: raise ValueError(f"{cls.ENV[f.name]} must be a number of milliseconds, got {raw!r}") from None
+            elif f.name == "batching" and raw.lower() == "auto": values[f.name] = None
+            elif f.name in ("log_text", "batching"):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"{cls.ENV[f.name]} must be true or false{' (or auto)' * (f.name == 'batching')}, got {raw!r}")
                 values[f.name] = raw.lower() in ("1", "true", "yes")
             else: values[f.name] = raw
         return cls(**values)
@@ -196,6 +214,10 @@ class ServingMetrics:
                                 ["model", "model_version", "variant", "backbone", "live"], multiprocess_mode="livemax", **r)
         self.ab_share = Gauge("mlops_model_ab_share", "Share of users the A/B split sends to each model", ["model"],
                               multiprocess_mode="livemax", **r)
+        self.batch_requests = Histogram("mlops_batch_requests", "Requests answered by one predictor call, by model", ["model"],
+                                        buckets=(1, 2, 4, 8, 16, 32, 64), **r)
+        self.batch_sentences = Histogram("mlops_batch_sentences", "Sentences in one predictor call, by model", ["model"],
+                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), **r)
 
     def add_model(self, name: str, # the model's name
                   details: dict[str, Any], # what `model_details` says about it
@@ -204,6 +226,13 @@ class ServingMetrics:
         "Describe a served model, and start its prediction counters at 0."
         self.model_info.labels(name, details["version"], details["variant"], str(details["backbone"]), str(live).lower()).set(1)
         for label in details["labels"]: self.predictions.labels(label, name, details["version"])
+
+    def observe_batch(self, name: str, # the model's name
+                      requests: int, # requests the call answered
+                      sentences: int, # sentences it predicted
+                     ) -> None:
+        "Count one predictor call: how many requests it merged, and their sentences."
+        self.batch_requests.labels(name).observe(requests); self.batch_sentences.labels(name).observe(sentences)
 
     def exposition(self) -> bytes:
         "The metrics in Prometheus' text format, added up over all server processes in multiprocess mode."
@@ -338,7 +367,7 @@ def init_state(app: FastAPI, # the app to set up
                settings: ServeSettings, # its settings
                predictors: dict[str, ONNXPredictor], # its loaded models, by name
               ) -> None:
-    "Put the models, the live one, the A/B split, the metrics and the /health answer into `app.state`."
+    "Put the models (and a batcher for each), the live one, the A/B split, the metrics and the /health answer into `app.state`."
     state = app.state
     state.settings, state.predictors = settings, predictors
     state.live = settings.live if settings.live in predictors else next(iter(predictors))
@@ -348,6 +377,9 @@ def init_state(app: FastAPI, # the app to set up
     details = {name: model_details(p) for name, p in predictors.items()}  # built once, so a bad file fails here
     for name in predictors: state.metrics.add_model(name, details[name], name == state.live)
     for name, share in (state.split or {}).items(): state.metrics.ab_share.labels(name).set(share)
+    state.batchers = {name: Batcher(p, settings.max_batch_sentences, settings.max_wait_ms, functools.partial(state.metrics.observe_batch, name),
+                                    enabled=merges_exactly(p) if settings.batching is None else settings.batching, calls=settings.batch_calls)
+                     for name, p in predictors.items()}
     state.ready = {"status": "ready", "model": {"name": state.live, **details[state.live]}, "live": state.live, "models": details,
                    "ab_split": state.split}
 
@@ -384,9 +416,10 @@ def _count_and_log(request: Request, status: int, elapsed: float, failure: dict[
                      **({"assigned": assigned} if assigned else {}), **request.state.log, **failure})
 
 def _fault_response(request: Request) -> JSONResponse:
-    "The 500 for a fault of the app's own, with the request id to quote (the Open Inference Protocol's shape on /v2)."
+    "The 500 for a fault of the app's own, with the request id to quote: the route's own shape when its class has a `fault_response`."
     request_id = request.state.request_id
-    if request.url.path.startswith("/v2/"): return JSONResponse({"error": f"internal error (request_id {request_id})"}, status_code=500)
+    route_fault = getattr(request.scope.get("route"), "fault_response", None)  # e.g. the Open Inference Protocol's routes
+    if route_fault: return route_fault(request_id)
     return JSONResponse({"detail": "internal error", "request_id": request_id}, status_code=500)
 
 class Observe:
@@ -438,6 +471,90 @@ async def body_too_large(request: Request, exc: HTTPException) -> JSONResponse:
     "413 that says the limit (FastAPI's `max_body_size` says only \"Content Too Large\")."
     return JSONResponse({"detail": too_large(request.app.state.settings.max_body_bytes)}, status_code=413)
 
+# %% ../nbs/05_serving.ipynb #e68266e1
+def merges_exactly(predictor: ONNXPredictor) -> bool:
+    "Whether a request's answers stay exactly as they are alone when its call holds other requests: fp32, not int8 (one quantization scale per call)."
+    return predictor.variant != "int8"
+
+class Batcher:
+    "Merges concurrent predictions for one model into one predictor call: its worker takes what is queued as soon as the last call returns."
+    def __init__(self, predictor: ONNXPredictor, # the model
+                 max_sentences: int = 64, # sentences per call at most; a request with more runs alone
+                 max_wait_ms: float = 0.0, # how long a call waits for the queue to fill up to `max_sentences`; 0: it takes what is queued
+                 observe: Optional[Callable[[int, int], None]] = None, # told (requests, sentences) of each call, for the metrics
+                 enabled: bool = True, # False: each request gets a call of its own
+                 calls: int = 1, # calls at once: while one runs, another worker can take the next requests
+                ):
+        self.predictor, self.max_sentences, self.max_wait_ms, self.observe, self.enabled = predictor, max_sentences, max_wait_ms, observe, enabled
+        self.calls = calls
+        self._queue: deque[tuple[list[str], asyncio.Future]] = deque()
+        self._workers: set[asyncio.Task] = set()
+
+    async def predict_with_stats(self, sentences: list[str], # one request's sentences
+                                ) -> tuple[list[Prediction], list[tuple[int, int]]]:
+        "The predictor's `predict_with_stats(sentences)`, computed in one call with the other requests queued for this model."
+        loop = asyncio.get_running_loop()
+        if not self.enabled or any(w.get_loop() is not loop for w in self._workers):  # a second event loop (a test client's) runs alone
+            return (await self._call([sentences]))[0]
+        future = loop.create_future()
+        self._queue.append((sentences, future))
+        if not self._workers: self._filled = asyncio.Event()
+        if len(self._workers) < self.calls: self._workers.add(loop.create_task(self._work()))
+        if sum(len(s) for s, _ in self._queue) >= self.max_sentences: self._filled.set()
+        return await future
+
+    async def close(self) -> None:
+        "Wait until every queued request is answered: the app's shutdown calls it."
+        workers = [w for w in self._workers if w.get_loop() is asyncio.get_running_loop()]
+        if workers: await asyncio.wait(workers)
+
+    async def _call(self, batch: list[list[str]]) -> list[tuple[list[Prediction], list[tuple[int, int]]]]:
+        "Each request's predictions and stats, from one predictor call (in a thread: the event loop keeps serving)."
+        merged = [s for sentences in batch for s in sentences]
+        predictions, stats = await run_in_threadpool(self.predictor.predict_with_stats, merged)
+        if self.observe: self.observe(len(batch), len(merged))
+        ends = list(itertools.accumulate(len(sentences) for sentences in batch))
+        return [(predictions[end - len(s):end], stats[end - len(s):end]) for s, end in zip(batch, ends)]
+
+    async def _work(self) -> None:
+        "Answer the queued requests, call after call, until none is left."
+        try:
+            while self._queue:
+                if self.max_wait_ms and sum(len(s) for s, _ in self._queue) < self.max_sentences:
+                    self._filled.clear()
+                    with contextlib.suppress(asyncio.TimeoutError): await asyncio.wait_for(self._filled.wait(), self.max_wait_ms / 1000)
+                await self._answer(self._take())
+        finally:
+            self._workers.discard(asyncio.current_task())
+            while self._queue and not self._workers: self._queue.popleft()[1].cancel()  # left only if the worker itself was cancelled: nobody would answer them
+
+    def _take(self) -> list[tuple[list[str], asyncio.Future]]:
+        "The next call's requests, in arrival order: the first one queued, then as many as fit in `max_sentences`."
+        batch, size = [], 0
+        while self._queue and (not batch or size + len(self._queue[0][0]) <= self.max_sentences):
+            sentences, future = self._queue.popleft()
+            if future.done(): continue  # its request was cancelled while it waited
+            batch.append((sentences, future)); size += len(sentences)
+        return batch
+
+    async def _answer(self, batch: list[tuple[list[str], asyncio.Future]]) -> None:
+        "Answer each request of `batch` from one call; if that call fails, each from a call of its own, so a failure stays with its request."
+        if not batch: return  # another worker took them first
+        try:
+            try: answers = await self._call([sentences for sentences, _ in batch])
+            except Exception as e: answers = [e] if len(batch) == 1 else [await self._alone(sentences) for sentences, _ in batch]
+            for (_, future), answer in zip(batch, answers):
+                if future.done(): continue
+                if isinstance(answer, Exception): future.set_exception(answer)
+                else: future.set_result(answer)
+        finally:
+            for _, future in batch: future.cancel()  # no-op for those answered; the rest would wait for ever
+
+    async def _alone(self, sentences: list[str]):
+        "One request's answer from a call of its own, or the exception that call raised."
+        try: return (await self._call([sentences]))[0]
+        except Exception as e: return e
+
 # %% ../nbs/05_serving.ipynb #f8389e4b
 def _observe_predictions(state, name: str, chosen: ONNXPredictor, predictions, sentences: list[str], stats) -> list[dict[str, Any]]:
     "Count each prediction in the metrics; its log entry (with the sentence only when `log_text` is on)."
@@ -450,6 +567,20 @@ def _observe_predictions(state, name: str, chosen: ONNXPredictor, predictions, s
                        "tokens": tokens, "unknown": unknown, **({"text": s} if state.settings.log_text else {})})
     return logged
 
+async def predict_for_request(request: Request, # the request being answered
+                              name: str, # the model that answers it
+                              assigned: str, # how it was chosen: request, ab or live
+                              sentences: list[str], # its sentences
+                             ) -> list[Prediction]:
+    "Model `name`'s predictions for one request, through its batcher, counted in the metrics and left for the request's log line."
+    state = request.app.state
+    chosen = state.predictors[name]
+    request.state.model = (name, assigned)  # set first: a failing model's 500 is counted against it
+    predictions, stats = await state.batchers[name].predict_with_stats(sentences)
+    request.state.log = {"variant": chosen.variant, "n": len(predictions),
+                         "predictions": _observe_predictions(state, name, chosen, predictions, sentences, stats)}
+    return predictions
+
 def add_predict_route(app: FastAPI, # the app, after `init_state`
                      ) -> None:
     "`POST /predict`, its body validated against the settings' limits and the names and versions served."
@@ -459,15 +590,11 @@ def add_predict_route(app: FastAPI, # the app, after `init_state`
 
     @app.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, summary="Predict the acceptability of sentences",
               max_body_size=settings.max_body_bytes)
-    def predict(body: PredictRequest, request: Request) -> PredictResponse:
+    async def predict(body: PredictRequest, request: Request) -> PredictResponse:
         name, assigned = choose_model(state, body.model, request.headers.get("x-user-id", ""))
-        chosen = state.predictors[name]
-        request.state.model = (name, assigned)  # set first: a failing model's 500 is counted against it
-        predictions, stats = chosen.predict_with_stats(body.sentences)
-        logged = _observe_predictions(state, name, chosen, predictions, body.sentences, stats)
-        request.state.log = {"variant": chosen.variant, "n": len(predictions), "predictions": logged}
+        predictions = await predict_for_request(request, name, assigned, body.sentences)
         # `PredictResponse` documents the answer; built from our own values, it need not be validated again on every request
-        return JSONResponse({"model_version": chosen.version, "model": name, "request_id": request.state.request_id,
+        return JSONResponse({"model_version": state.predictors[name].version, "model": name, "request_id": request.state.request_id,
                              "predictions": [p.to_dict() for p in predictions]})
 
 # %% ../nbs/05_serving.ipynb #93e41c6b
@@ -487,6 +614,12 @@ def add_info_routes(app: FastAPI, # the app, after `init_state`
     def index() -> str: return page
 
 # %% ../nbs/05_serving.ipynb #26b61100
+@contextlib.asynccontextmanager
+async def _answer_queued_on_shutdown(app: FastAPI):
+    "The app's lifespan: at shutdown, every request already queued for a model is answered before the server stops."
+    yield
+    for batcher in app.state.batchers.values(): await batcher.close()
+
 def create_app(settings: ServeSettings | None = None, # the serving settings; None reads the environment
                predictor: ONNXPredictor | None = None, # a loaded predictor, served as the only model; None loads `settings`' models
                predictors: dict[str, ONNXPredictor] | None = None, # or several loaded predictors, by name (the live one is `settings.live`)
@@ -498,7 +631,8 @@ def create_app(settings: ServeSettings | None = None, # the serving settings; No
     for p in predictors.values(): p.predict(["Warm up."])
     from mlops_basics import __version__
     app = FastAPI(title="mlops-basics: is this sentence grammatical?", version=__version__,
-                  description="A CoLA classifier (ONNX Runtime). `POST /predict` with `{\"sentences\": [...]}`.")
+                  description="A CoLA classifier (ONNX Runtime). `POST /predict` with `{\"sentences\": [...]}`.",
+                  lifespan=_answer_queued_on_shutdown)
     init_state(app, settings, predictors)
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)  # added first: runs inside `Observe`, which sees its 413/415
     app.add_middleware(Observe)  # added last: the outermost, around everything else
@@ -531,10 +665,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", metavar="NAME=DIR[@VARIANT]", help="serve several models (repeat the option)")
     parser.add_argument("--live", help="the model requests get by default (default: the first --model)")
     parser.add_argument("--ab-split", metavar="NAME=WEIGHT,...", help="sticky A/B split of requests that carry an X-User-ID")
+    parser.add_argument("--batching", choices=["auto", "on", "off"], help="merge concurrent requests for a model into one call (auto: fp32 models only)")
+    parser.add_argument("--max-batch-sentences", type=int, help="sentences per merged call at most")
+    parser.add_argument("--max-wait-ms", type=float, help="how long a merged call waits for more requests (default 0)")
     args = parser.parse_args(argv)
     overrides = {"MLOPS_SERVING_DIR": args.serving_dir, "MLOPS_MODEL_VARIANT": args.variant, "MLOPS_THREADS": args.threads,
                  "MLOPS_MAX_BATCH": args.max_batch, "MLOPS_MAX_CHARS": args.max_chars, "MLOPS_LOG_TEXT": "true" if args.log_text else None,
-                 "MLOPS_MODELS": ",".join(args.model) if args.model else None, "MLOPS_LIVE_MODEL": args.live, "MLOPS_AB_SPLIT": args.ab_split}
+                 "MLOPS_MODELS": ",".join(args.model) if args.model else None, "MLOPS_LIVE_MODEL": args.live, "MLOPS_AB_SPLIT": args.ab_split,
+                 "MLOPS_BATCHING": {"on": "true", "off": "false"}.get(args.batching, args.batching), "MLOPS_MAX_BATCH_SENTENCES": args.max_batch_sentences,
+                 "MLOPS_MAX_WAIT_MS": args.max_wait_ms}
     os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})  # the workers read these
     try:
         settings = ServeSettings.from_env()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -284,3 +285,68 @@ def test_every_line_the_lambda_runtime_client_prints_is_json(serving_dir, tmp_pa
     assert [r["status"] for r in json_lines((tmp_path/"ok.log").read_text(), "ok.log") if r.get("event") == "predict"] == [200]
     errors = [r for r in json_lines((tmp_path/"failed.log").read_text(), "failed.log") if r.get("level") == "ERROR"]
     assert errors and errors[0]["errorType"] == "ArtifactsError" and errors[0]["stackTrace"], errors  # the runtime client's own line
+
+
+def test_concurrent_requests_share_one_call_and_each_gets_its_own_answers(serving_dir, tmp_path):
+    "Four requests (/predict and /v2 infer, 8 sentences in all) sent together are merged into one predictor call; each gets the answers it gets alone."
+    from concurrent.futures import ThreadPoolExecutor
+    from prometheus_client.parser import text_string_to_metric_families
+    from mlops_basics.predictor import ONNXPredictor
+    alone = ONNXPredictor(serving_dir, "fp32", threads=1)
+    labels = alone.labels
+    requests = [("predict", ["The book was read by the student."]), ("v2", ["Book the the read.", "She sang beautifully."]),
+                ("predict", ["Who do you think that left?", "John seems that is happy.", "The children are playing."]), ("v2", ["Mary left.", "Left Mary."])]
+    def ask(url: str, kind: str, sentences: list[str]) -> list[list[float]]:
+        "The probabilities (in the order of the labels) the server answers for `sentences`."
+        if kind == "predict":
+            status, _, raw = http("POST", f"{url}/predict", json.dumps({"sentences": sentences}).encode(), JSON)
+            assert status == 200, raw
+            return [[p["probabilities"][l] for l in labels] for p in json.loads(raw)["predictions"]]
+        body = {"inputs": [{"name": "text", "shape": [len(sentences)], "datatype": "BYTES", "data": sentences}]}
+        status, _, raw = http("POST", f"{url}/v2/models/main/infer", json.dumps(body).encode(), JSON)
+        assert status == 200, raw
+        flat = next(o for o in json.loads(raw)["outputs"] if o["name"] == "probabilities")["data"]
+        return [flat[i:i + len(labels)] for i in range(0, len(flat), len(labels))]
+    def samples(url: str) -> dict[str, float]:
+        exposition = http("GET", f"{url}/metrics")[2].decode()
+        return {s.name: s.value for f in text_string_to_metric_families(exposition) for s in f.samples
+                if s.name.startswith("mlops_batch_") and s.name.endswith(("_count", "_sum"))}
+    out, err = tmp_path/"stdout.log", tmp_path/"stderr.log"
+    # a long max_wait_ms and a call size of exactly the 8 sentences: the worker waits until all four requests are queued, whatever the timing
+    with serve("--serving-dir", serving_dir, "--variant", "fp32", "--batching", "on", "--max-batch-sentences", 8, "--max-wait-ms", 600_000, log=out, errors=err) as url:
+        with ThreadPoolExecutor(len(requests)) as pool: answers = list(pool.map(lambda r: ask(url, *r), requests))
+        batches = samples(url)
+    for (_, sentences), answer in zip(requests, answers):
+        expected = [[p.probabilities[l] for l in labels] for p in alone.predict_with_stats(sentences)[0]]
+        assert len(answer) == len(sentences)
+        np.testing.assert_allclose(answer, expected, rtol=0, atol=1e-5)
+    assert (batches["mlops_batch_requests_count"], batches["mlops_batch_requests_sum"], batches["mlops_batch_sentences_sum"]) == (1, 4, 8)
+    logged = sorted(r["n"] for r in json_lines(out.read_text(), out.name) if r["event"] == "predict")
+    assert logged == [1, 2, 2, 3]  # one log line per request, with its own sentences
+    server = [r for r in json_lines(err.read_text(), err.name) if r["event"] == "server"]
+    assert [r for r in server if r["level"] not in ("info", "debug")] == [], server  # no warning, no task left hanging at shutdown
+    assert "Application shutdown complete." in [r["message"] for r in server]
+
+
+def test_a_failing_request_in_a_merged_call_fails_alone(serving_dir):
+    "When one request of a merged call makes the model fail, the call is retried request by request: only that request gets the 500."
+    from concurrent.futures import ThreadPoolExecutor
+    from fastapi.testclient import TestClient
+    from mlops_basics.app import ServeSettings, create_app
+    from mlops_basics.predictor import ONNXPredictor
+    class Refusing(ONNXPredictor):
+        "A real predictor that fails on one sentence, as a model that cannot take some input would."
+        def predict_with_stats(self, sentences):
+            if "poison" in sentences: raise ValueError("the model cannot take this sentence")
+            return super().predict_with_stats(sentences)
+    predictor = Refusing(serving_dir, "fp32", threads=1)
+    app = create_app(ServeSettings(serving_dir=str(serving_dir), batching=True, max_batch_sentences=3, max_wait_ms=600_000), predictor=predictor)
+    with TestClient(app) as client:  # one event loop for all requests, as in a server
+        def ask(sentence: str):
+            return client.post("/predict", json={"sentences": [sentence]})
+        with ThreadPoolExecutor(3) as pool: fine, poisoned, also_fine = pool.map(ask, ["She sang.", "poison", "Sang she."])
+        exposition = client.get("/metrics").text
+    assert (fine.status_code, poisoned.status_code, also_fine.status_code) == (200, 500, 200)
+    assert poisoned.json() == {"detail": "internal error", "request_id": poisoned.headers["x-request-id"]}
+    assert fine.json()["predictions"][0]["probabilities"] == pytest.approx(predictor.predict("She sang.")[0].probabilities, abs=1e-5)
+    assert 'mlops_batch_requests_count{model="main"} 2.0' in exposition  # the merged call of three failed; the two answered one by one
