@@ -51,19 +51,19 @@ class DataConfig:
     eval_batch_size: int = 128  # validation batch size
     num_workers: int = 0  # data loader worker processes
     group_by_length: bool = True  # batch sentences of similar length together
-    synthetic_negatives: float = 0.0  # rule-made ungrammatical sentences per training sentence (Week 0e); 0 adds none
+    synthetic_negatives: float = 0.5  # rule-made ungrammatical sentences per training sentence (Week 0e); 0 adds none
 
 @dataclass
 class TrainingConfig:
     "Optimisation, early stopping and checkpointing."
-    learning_rate: float = 5e-5  # peak learning rate of AdamW
+    learning_rate: float = 1e-4  # peak learning rate of AdamW (of the head, with layer decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_ratio: float = 0.1  # share of steps spent warming up
     seed: int = 42  # seeds weights, data order and dropout
     patience: int = 3  # validations without improvement before early stopping
     checkpoint_every_n_steps: int = 200  # how often the resumable checkpoint is refreshed
     resume: bool = True  # continue an interrupted run with the same config
-    layer_decay: float = 1.0  # learning-rate factor per encoder layer going down (1: the same rate everywhere)
+    layer_decay: float = 0.8  # learning-rate factor per encoder layer going down (1: the same rate everywhere)
     reinit_layers: int = 0  # encoder layers re-initialised from the top before training
 
 @dataclass
