@@ -96,7 +96,7 @@ def evaluate_serving(serving_dir: str | Path, # the serving directory to score
 # Two torch threads on any machine: the thread count decides how sums are split, so the same seed and config give other
 # weights (and other ONNX bytes) with another count. Pinned, the pipeline reproduces bit for bit on CPUs of one kind.
 PIPELINE_OVERRIDES = ("data.source=data/cola", "trainer.num_threads=2")
-PARAMS_HEADER = "# The training config of the DVC pipeline: written by `mlops-pipeline params`, read by `mlops-train --config-dir . --config-name params`.\n# Edit values here (or `dvc exp run -S training.learning_rate=1e-4`); DVC re-runs the stages that depend on them.\n"
+PARAMS_HEADER = "# The training config of the DVC pipeline: written by `mlops-pipeline params`, read by `mlops-train --config-dir . --config-name params`.\n# Edit values here (or `dvc exp run -S training.learning_rate=5e-5`); DVC re-runs the stages that depend on them.\n"
 
 def render_params(overrides: Sequence[str] = (), # Hydra overrides on top of the pipeline's
                  ) -> str:
