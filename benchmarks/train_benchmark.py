@@ -4,6 +4,11 @@ Writes benchmarks/results/training_cpu.json: per-epoch validation metrics and ti
 peak memory. The docs page nbs/benchmarks.ipynb renders it. Run with nothing else busy:
 
     python benchmarks/train_benchmark.py [extra Hydra overrides]
+
+or record a default run that already happened on a quiet machine (the DVC pipeline's train stage, `make run`) instead of
+training again; its per-epoch times come from the run's own history, and wall time and memory are then unknown:
+
+    python benchmarks/train_benchmark.py --from-run artifacts/model
 """
 import datetime as dt
 import json
@@ -28,6 +33,7 @@ def cpu_model() -> str:
 
 def main(overrides: list[str]) -> dict:
     from mlops_basics.artifacts import package_versions, read_metadata
+    if overrides[:1] == ["--from-run"]: return record(Path(overrides[1]))
     command = [str(Path(sys.executable).parent/"mlops-train"), f"paths.root={RUN_ROOT}", "training.resume=false",
                "trainer.enable_progress_bar=false", *overrides]
     started = time.perf_counter()
@@ -38,7 +44,7 @@ def main(overrides: list[str]) -> dict:
     history = metadata["history"]
     train_s = history[-1]["elapsed_s"]
     epochs = len(history)
-    n_train = 8551
+    n_train = round(8551 * (1 + metadata["config"]["data"].get("synthetic_negatives", 0.0)))  # CoLA's training split and its negatives
     result = {
         "what": "one mlops-train run with the default config" + (f" and {' '.join(overrides)}" if overrides else ""),
         "date": dt.date.today().isoformat(),
@@ -54,6 +60,30 @@ def main(overrides: list[str]) -> dict:
         "history": history,
         "versions": package_versions(),
     }
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def record(model_dir: Path) -> dict:
+    "The result for a finished default run in `model_dir`, from its metadata."
+    from mlops_basics.artifacts import package_versions, read_metadata
+    from mlops_basics.train import compose_config
+    from omegaconf import OmegaConf
+    metadata = read_metadata(model_dir)
+    default = OmegaConf.to_container(compose_config(), resolve=True, enum_to_str=True)
+    for group in ("model", "data", "training", "trainer"):  # only settings that change the model must match; paths and threads may differ
+        ran = {k: v for k, v in metadata["config"][group].items() if k not in ("source", "num_workers", "num_threads", "enable_progress_bar", "resume")}
+        want = {k: v for k, v in default[group].items() if k in ran}
+        if ran != want: raise SystemExit(f"{model_dir} was not trained with the default {group} config: {ran} != {want}")
+    history, train_s = metadata["history"], metadata["history"][-1]["elapsed_s"]
+    n_train = round(8551 * (1 + metadata["config"]["data"]["synthetic_negatives"]))
+    result = {"what": f"the default config's run in the DVC pipeline (make run), recorded from {model_dir.name}/metadata.json",
+              "date": metadata["created_at"][:10],
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+              "backbone": metadata["backbone"], "epochs": len(history), "max_epochs": metadata["config"]["trainer"]["max_epochs"],
+              "wall_s": None, "train_and_validation_s": train_s, "samples_per_s": round(n_train * len(history) / train_s, 1), "peak_rss_mb": None,
+              "final_metrics": metadata["metrics"], "history": history, "config": {g: metadata["config"][g] for g in ("data", "training")},
+              "versions": package_versions()}
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
