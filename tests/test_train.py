@@ -11,6 +11,7 @@ import pytest
 
 from mlops_basics.test_utils import BIN, run_cli, TINY_TRAIN
 from mlops_basics.artifacts import read_metadata
+from mlops_basics.train import compose_config
 
 
 def test_train_writes_the_artifacts_contract(tiny_model_dir):
@@ -73,6 +74,11 @@ def test_wandb_offline_run_has_report_and_model(tmp_path):
     assert sum(row[2] for row in tables["confusion"]["data"]) == 1043
 
 
+def training_sentences(cfg) -> int:
+    "CoLA's 8551 training sentences plus the synthetic negatives `cfg` adds."
+    return 8551 + round(cfg["data"]["synthetic_negatives"] * 8551)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     "SIGKILL mid-epoch after a step checkpoint; the same command resumes from it and finishes."
@@ -91,13 +97,14 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     assert last.exists() and not (tmp_path/"model").exists()
 
     interrupted_at = saved_step()
-    assert 0 < interrupted_at < 1069  # mid-way through the first epoch (8551 / 8 batches)
+    steps_per_epoch = math.ceil(training_sentences(compose_config(args)) / 8)
+    assert 0 < interrupted_at < steps_per_epoch  # mid-way through the first epoch
     resumed = run_cli("mlops-train", *args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming the interrupted run from {last}" in resumed.stdout
     meta = read_metadata(tmp_path/"model")
     assert meta["resumed_from"] == str(last)
-    assert [h["epoch"] for h in meta["history"]] == [1, 2] and meta["history"][-1]["step"] == 2 * 1069
+    assert [h["epoch"] for h in meta["history"]] == [1, 2] and meta["history"][-1]["step"] == 2 * steps_per_epoch
     assert not last.exists()
 
 
@@ -110,8 +117,9 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     meta = read_metadata(tmp_path/"model")
     assert meta["config"]["trainer"]["devices"] == 2 and meta["config"]["trainer"]["strategy"] == "ddp"
     batch_size = meta["config"]["data"]["batch_size"]
-    one_process, per_rank = math.ceil(8551 / batch_size), math.ceil(math.ceil(8551 / 2) / batch_size)  # CoLA's 8551 training sentences
-    assert int(0.05 * one_process) != int(0.05 * per_rank)  # 13 and 6 batches at batch size 32: the step count tells them apart
+    n = training_sentences(meta["config"])
+    one_process, per_rank = math.ceil(n / batch_size), math.ceil(math.ceil(n / 2) / batch_size)
+    assert int(0.05 * one_process) != int(0.05 * per_rank)  # 20 and 10 batches at batch size 32: the step count tells them apart
     assert meta["history"][0]["step"] == int(0.05 * per_rank)  # each rank stepped through its half, gradients averaged each step
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
 
