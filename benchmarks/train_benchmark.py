@@ -31,6 +31,10 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def machine() -> dict:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
 def main(overrides: list[str]) -> dict:
     from mlops_basics.artifacts import package_versions, read_metadata
     if overrides[:1] == ["--from-run"]: return record(Path(overrides[1]))
@@ -48,7 +52,7 @@ def main(overrides: list[str]) -> dict:
     result = {
         "what": "one mlops-train run with the default config" + (f" and {' '.join(overrides)}" if overrides else ""),
         "date": dt.date.today().isoformat(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "machine": machine(),
         "backbone": metadata["backbone"],
         "epochs": epochs,
         "max_epochs": metadata["config"]["trainer"]["max_epochs"],
@@ -67,19 +71,16 @@ def main(overrides: list[str]) -> dict:
 def record(model_dir: Path) -> dict:
     "The result for a finished default run in `model_dir`, from its metadata."
     from mlops_basics.artifacts import package_versions, read_metadata
-    from mlops_basics.train import compose_config
+    from mlops_basics.train import compose_config, config_fingerprint
     from omegaconf import OmegaConf
     metadata = read_metadata(model_dir)
-    default = OmegaConf.to_container(compose_config(), resolve=True, enum_to_str=True)
-    for group in ("model", "data", "training", "trainer"):  # only settings that change the model must match; paths and threads may differ
-        ran = {k: v for k, v in metadata["config"][group].items() if k not in ("source", "num_workers", "num_threads", "enable_progress_bar", "resume")}
-        want = {k: v for k, v in default[group].items() if k in ran}
-        if ran != want: raise SystemExit(f"{model_dir} was not trained with the default {group} config: {ran} != {want}")
+    if config_fingerprint(OmegaConf.create(metadata["config"])) != config_fingerprint(compose_config()):  # the same test resuming uses
+        raise SystemExit(f"{model_dir} was not trained with the default config")
     history, train_s = metadata["history"], metadata["history"][-1]["elapsed_s"]
     n_train = round(8551 * (1 + metadata["config"]["data"]["synthetic_negatives"]))
     result = {"what": f"the default config's run in the DVC pipeline (make run), recorded from {model_dir.name}/metadata.json",
               "date": metadata["created_at"][:10],
-              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+              "machine": machine(),
               "backbone": metadata["backbone"], "epochs": len(history), "max_epochs": metadata["config"]["trainer"]["max_epochs"],
               "wall_s": None, "train_and_validation_s": train_s, "samples_per_s": round(n_train * len(history) / train_s, 1), "peak_rss_mb": None,
               "final_metrics": metadata["metrics"], "history": history, "config": {g: metadata["config"][g] for g in ("data", "training")},
