@@ -105,11 +105,14 @@ def optimize_onnx(source: str | Path, # the exported .onnx file
 def quantize_int8(source: str | Path, # an (optimised) fp32 .onnx file
                   target: str | Path, # where to write the int8 graph
                  ) -> Path:
-    "Dynamically quantise the weights of `source` to int8."
+    "Dynamically quantise the weights of `source` to int8, with one scale per output column."
     from onnxruntime.quantization import QuantType, quantize_dynamic
     root = logging.getLogger(); level = root.level
     root.setLevel(logging.ERROR)  # the quantiser logs advice about static (calibrated) quantisation on the root logger
-    try: quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    # per_channel: one scale for a whole weight matrix lets its largest column set the step for all of them; on the trained
+    # model that cost 0.012 validation MCC, one scale per column 0.002 (and 0.1 ms a sentence)
+    try: quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally: root.setLevel(level)
     onnx.checker.check_model(str(target), full_check=True)
     return Path(target)
