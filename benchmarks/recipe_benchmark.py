@@ -22,18 +22,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT/"benchmarks"/"runs"/"recipes"
 RESULT = ROOT/"benchmarks"/"results"/"recipes.json"
-OLD_DEFAULT = ["data.synthetic_negatives=0", "training.learning_rate=5e-5", "training.layer_decay=1.0", "training.reinit_layers=0"]
+FIRST_RULES = "data.negative_rules=[agreement,verb_form,determiner_number,swap_adjacent,move_word,drop_word,duplicate_word]"  # before noun_agreement and reflexive
+OLD_DEFAULT = ["data.synthetic_negatives=0", FIRST_RULES, "training.learning_rate=5e-5", "training.layer_decay=1.0", "training.reinit_layers=0"]
 RECIPES = {  # name -> (what it changes, Hydra overrides); each starts from the default before this benchmark, spelled out
     "baseline": ("the default before this benchmark: lr 5e-5, no negatives, one rate for all layers", OLD_DEFAULT),
     "negatives_0.25": ("synthetic negatives at a quarter of the training set", [*OLD_DEFAULT, "data.synthetic_negatives=0.25"]),
     "negatives_0.5": ("synthetic negatives at half the training set", [*OLD_DEFAULT, "data.synthetic_negatives=0.5"]),
     "negatives_1.0": ("synthetic negatives as many as the training set", [*OLD_DEFAULT, "data.synthetic_negatives=1.0"]),
     "llrd_0.8": ("layer-wise learning-rate decay 0.8, head at 1e-4", [*OLD_DEFAULT, "training.layer_decay=0.8", "training.learning_rate=1e-4"]),
-    "negatives_0.5+llrd_0.8": ("negatives 0.5 and layer decay 0.8, head at 1e-4 (the default since)",
+    "negatives_0.5+llrd_0.8": ("negatives 0.5 and layer decay 0.8, head at 1e-4",
                                [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "training.layer_decay=0.8", "training.learning_rate=1e-4"]),
     "negatives_0.5+llrd_0.8+reinit_1": ("as above, and the top encoder layer re-initialised",
                                         [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "training.layer_decay=0.8", "training.learning_rate=1e-4",
                                          "training.reinit_layers=1"]),
+    "negatives_0.5+llrd_0.8+9_rules": ("as negatives_0.5+llrd_0.8, the negatives made by all nine rules (noun agreement and reflexives added)",
+                                       [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "training.layer_decay=0.8",
+                                        "training.learning_rate=1e-4"]),
+    "negatives_1.0+llrd_0.8+9_rules": ("as above, twice as many negatives",
+                                       [*OLD_DEFAULT, "data.synthetic_negatives=1.0", "data.negative_rules=null", "training.layer_decay=0.8",
+                                        "training.learning_rate=1e-4"]),
     "reinit_1": ("the top encoder layer re-initialised", [*OLD_DEFAULT, "training.reinit_layers=1"]),
     "long_low_lr": ("10 epochs at a peak of 3e-5", [*OLD_DEFAULT, "trainer.max_epochs=10", "training.learning_rate=3e-5"]),
 }

@@ -35,6 +35,12 @@ def machine() -> dict:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
+def training_sentences(metadata: dict) -> int:
+    "CoLA's 8551 training sentences and the synthetic negatives the run's config added."
+    from mlops_basics.negatives import negatives_for
+    return 8551 + negatives_for(8551, metadata["config"]["data"].get("synthetic_negatives", 0.0))
+
+
 def main(overrides: list[str]) -> dict:
     from mlops_basics.artifacts import package_versions, read_metadata
     if overrides[:1] == ["--from-run"]: return record(Path(overrides[1]))
@@ -48,7 +54,7 @@ def main(overrides: list[str]) -> dict:
     history = metadata["history"]
     train_s = history[-1]["elapsed_s"]
     epochs = len(history)
-    n_train = round(8551 * (1 + metadata["config"]["data"].get("synthetic_negatives", 0.0)))  # CoLA's training split and its negatives
+    n_train = training_sentences(metadata)
     result = {
         "what": "one mlops-train run with the default config" + (f" and {' '.join(overrides)}" if overrides else ""),
         "date": dt.date.today().isoformat(),
@@ -77,7 +83,7 @@ def record(model_dir: Path) -> dict:
     if config_fingerprint(OmegaConf.create(metadata["config"])) != config_fingerprint(compose_config()):  # the same test resuming uses
         raise SystemExit(f"{model_dir} was not trained with the default config")
     history, train_s = metadata["history"], metadata["history"][-1]["elapsed_s"]
-    n_train = round(8551 * (1 + metadata["config"]["data"]["synthetic_negatives"]))
+    n_train = training_sentences(metadata)
     result = {"what": f"the default config's run in the DVC pipeline (make run), recorded from {model_dir.name}/metadata.json",
               "date": metadata["created_at"][:10],
               "machine": machine(),

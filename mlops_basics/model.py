@@ -168,11 +168,13 @@ class ColaDataModule(pl.LightningDataModule):
                  group_by_length: bool = True, # batch sentences of similar length together
                  seed: int = 0, # seeds the training order and the synthetic negatives
                  negatives: float = 0.0, # synthetic negatives per training sentence (Week 0e); 0 adds none
+                 negative_rules: Sequence[str] | None = None, # the Week 0e rules that make them; None: all
                 ):
         super().__init__()
         self.tokenizer, self.source, self.verify = tokenizer, source, verify
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
-        self.num_workers, self.group_by_length, self.seed, self.negatives = num_workers, group_by_length, seed, negatives
+        self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
+        self.negatives, self.negative_rules = negatives, negative_rules
         self.splits: ColaSplits | None = None
 
     def prepare_data(self): locate_cola(self.source)
@@ -181,7 +183,8 @@ class ColaDataModule(pl.LightningDataModule):
         if self.splits is not None: return
         self.splits = load_cola(self.source, verify=self.verify)
         train = self.splits.train  # negatives join the training split only: validation stays CoLA's own
-        sentences, labels = add_negatives([e.sentence for e in train], [e.label for e in train], self.negatives, self.seed)
+        sentences, labels = add_negatives([e.sentence for e in train], [e.label for e in train], self.negatives, self.seed,
+                                          self.negative_rules, avoid=[e.sentence for e in self.splits.validation])
         self.train_features = encode(self.tokenizer, sentences, self.max_length, labels)
         val = self.splits.validation
         self.val_features = encode(self.tokenizer, [e.sentence for e in val], self.max_length, [e.label for e in val])

@@ -12,10 +12,10 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 # %% auto #0
-__all__ = ['AGREEMENT', 'DETERMINER_NUMBER', 'MODALS', 'SINGULAR_PRONOUNS', 'IRREGULAR', 'DROPPABLE', 'NOT_DOUBLED',
-           'FUNCTION_WORDS', 'PERTURBATIONS', 'WEIGHTS', 'split_sentence', 'join_sentence', 'agreement', 'verb_form',
-           'determiner_number', 'swap_adjacent', 'move_word', 'drop_word', 'duplicate_word', 'perturb',
-           'synthetic_negatives', 'add_negatives']
+__all__ = ['AGREEMENT', 'DETERMINER_NUMBER', 'MODALS', 'SINGULAR_PRONOUNS', 'IRREGULAR', 'DROPPABLE', 'NOT_DOUBLED', 'REFLEXIVES',
+           'COMMON_VERBS', 'FUNCTION_WORDS', 'PERTURBATIONS', 'WEIGHTS', 'split_sentence', 'join_sentence', 'agreement',
+           'verb_form', 'determiner_number', 'noun_agreement', 'reflexive', 'swap_adjacent', 'move_word', 'drop_word',
+           'duplicate_word', 'perturb', 'synthetic_negatives', 'negatives_for', 'add_negatives']
 
 # %% ../nbs/00e_negatives.ipynb #8e23f8a6
 AGREEMENT = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has", "does": "do", "do": "does",
@@ -42,6 +42,15 @@ IRREGULAR = {  # base -> (past, past participle)
 }
 DROPPABLE = {"a", "an", "to", "of", "is", "are", "was", "were", "has", "have", "will", "can", "be", "does", "did"}  # rarely optional, unlike "the" or most prepositions
 NOT_DOUBLED = {"had", "that", "very", "really", "far", "so", "many", "much", "more", "long", "again", "and", "or", "over", "on", "round", "by"}  # grammatical twice
+REFLEXIVES = {"himself": ["themselves", "ourselves", "myself"], "herself": ["themselves", "ourselves", "myself"],
+              "itself": ["themselves", "ourselves", "myself"], "themselves": ["himself", "herself", "itself", "myself"],
+              "myself": ["himself", "herself", "themselves"], "ourselves": ["himself", "herself", "myself"],
+              "yourself": ["himself", "herself", "themselves"], "yourselves": ["himself", "herself", "myself"]}  # -> ones of another person or number (never only another gender: *the doctor hurt herself* is fine)
+COMMON_VERBS = set(IRREGULAR) | set("""like love live want need seem look work play walk talk help call ask try use open close carry
+    watch wash kiss miss finish start stop smell believe hope expect hate laugh cry sound appear belong contain depend enjoy hear
+    include jump kick kill learn listen move own pass prefer promise remember rain shine smile study visit wait wonder worry bark
+    read say put cut hit let set make get cook dance climb paint clean touch reach arrive decide die fix bake consider claim happen
+    hurt annoy bother resemble admire appreciate respect fear mean matter cost weigh""".split())  # verbs to break after a noun subject: John likes -> John like
 FUNCTION_WORDS = {"the", "he", "she", "it", "they", "we", "you", "there", "what", "who", "which", "that", "his", "her", "their",
                   "my", "our", "your", "some", "no", "if", "when", "why", "how", "where"} | set(AGREEMENT) | set(DETERMINER_NUMBER) | MODALS | DROPPABLE
 
@@ -129,6 +138,29 @@ def determiner_number(words: list[str], # the sentence's words
     i = _pick(options, rng); words[i] = _match_case(DETERMINER_NUMBER[words[i].lower()], words[i])
     return words
 
+# %% ../nbs/00e_negatives.ipynb #76c11c1e
+_NOT_A_SUBJECT = FUNCTION_WORDS | {"i", "not", "also", "often", "never", "always", "only", "just", "still", "even"}
+
+def noun_agreement(words: list[str], # the sentence's words
+                   rng: np.random.Generator, # seeded generator
+                  ) -> list[str] | None:
+    "Break agreement with a noun subject: a common verb's -s dropped after a singular noun or a name (John likes → John like)."
+    options = [i for i in range(1, len(words)) if words[i].islower() and (base := _base_form(words[i])) in COMMON_VERBS
+               and _third_person(base) == words[i] and words[i - 1].isalpha() and words[i - 1].lower() not in _NOT_A_SUBJECT
+               and not words[i - 1].lower().endswith(("s", "ly"))]  # a plural noun (the boys) or an adverb before it: not its subject
+    if not options: return None
+    i = _pick(options, rng); words[i] = _base_form(words[i])
+    return words
+
+def reflexive(words: list[str], # the sentence's words
+              rng: np.random.Generator, # seeded generator
+             ) -> list[str] | None:
+    "Break reflexive agreement: a reflexive pronoun of another person or number (John hurt himself → John hurt ourselves)."
+    options = [i for i, w in enumerate(words) if w.lower() in REFLEXIVES]
+    if not options: return None
+    i = _pick(options, rng); words[i] = _match_case(_pick(REFLEXIVES[words[i].lower()], rng), words[i])
+    return words
+
 # %% ../nbs/00e_negatives.ipynb #a2d79c96
 def swap_adjacent(words: list[str], # the sentence's words
                   rng: np.random.Generator, # seeded generator
@@ -172,8 +204,8 @@ def duplicate_word(words: list[str], # the sentence's words
 # %% ../nbs/00e_negatives.ipynb #153d1769
 PERTURBATIONS: dict[str, Callable] = {"agreement": agreement, "verb_form": verb_form, "determiner_number": determiner_number,
                                       "swap_adjacent": swap_adjacent, "move_word": move_word, "drop_word": drop_word,
-                                      "duplicate_word": duplicate_word}
-WEIGHTS = {"agreement": 3.0, "verb_form": 2.0, "determiner_number": 2.0}  # the errors the model misses most; the others weigh 1
+                                      "duplicate_word": duplicate_word, "noun_agreement": noun_agreement, "reflexive": reflexive}
+WEIGHTS = {"agreement": 3.0, "verb_form": 2.0, "determiner_number": 2.0, "noun_agreement": 3.0, "reflexive": 3.0}  # the errors the model misses most; the others weigh 1
 
 def perturb(sentence: str, # an acceptable sentence
             rng: np.random.Generator, # seeded generator
@@ -195,12 +227,13 @@ def synthetic_negatives(sentences: Iterable[str], # acceptable sentences to brea
                         n: int, # how many negatives to make
                         seed: int = 0, # the same seed makes the same negatives
                         kinds: Sequence[str] | None = None, # names of `PERTURBATIONS` to use; None: all
+                        avoid: Iterable[str] = (), # sentences a negative must never be: the validation split, so none leaks into training
                        ) -> list[tuple[str, str]]:
     "Up to `n` distinct ungrammatical sentences made from `sentences`, each with the rule that made it."
     if n < 0: raise ValueError(f"n must be 0 or more, got {n}")
     sources = list(dict.fromkeys(sentences))
     if n and not sources: raise ValueError("no sentences to make negatives from")
-    rng, seen, made = np.random.default_rng(seed), set(sources), []
+    rng, seen, made = np.random.default_rng(seed), set(sources) | set(avoid), []
     order = rng.permutation(len(sources)) if sources else []
     for j in range(3*len(sources)):  # a sentence can be broken again by another rule on a later pass
         if len(made) >= n: break
@@ -208,13 +241,22 @@ def synthetic_negatives(sentences: Iterable[str], # acceptable sentences to brea
         if result and result[0] not in seen: seen.add(result[0]); made.append(result)
     return made
 
+def negatives_for(n_sentences: int, # training sentences
+                  ratio: float, # negatives per training sentence
+                 ) -> int:
+    "How many negatives `add_negatives` asks for: `ratio × n_sentences`, rounded."
+    if ratio < 0: raise ValueError(f"the negatives ratio must be 0 or more, got {ratio}")
+    return round(ratio*n_sentences)
+
 # %% ../nbs/00e_negatives.ipynb #b9a6fa0f
 def add_negatives(sentences: Sequence[str], # training sentences
                   labels: Sequence[int], # their labels (1 = acceptable)
                   ratio: float, # negatives per training sentence
                   seed: int = 0, # seeds the negatives
+                  kinds: Sequence[str] | None = None, # names of `PERTURBATIONS` to use; None: all
+                  avoid: Iterable[str] = (), # sentences a negative must never be (the validation split)
                  ) -> tuple[list[str], list[int]]:
     "The training sentences and labels with `ratio × len(sentences)` synthetic negatives (label 0) appended."
-    if ratio < 0: raise ValueError(f"the negatives ratio must be 0 or more, got {ratio}")
-    made = synthetic_negatives([s for s, l in zip(sentences, labels) if l == 1], round(ratio*len(sentences)), seed) if ratio else []
+    n = negatives_for(len(sentences), ratio)
+    made = synthetic_negatives([s for s, l in zip(sentences, labels) if l == 1], n, seed, kinds, avoid) if n else []
     return [*sentences, *(s for s, _ in made)], [*labels, *([0]*len(made))]

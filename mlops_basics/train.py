@@ -52,6 +52,7 @@ class DataConfig:
     num_workers: int = 0  # data loader worker processes
     group_by_length: bool = True  # batch sentences of similar length together
     synthetic_negatives: float = 0.5  # rule-made ungrammatical sentences per training sentence (Week 0e); 0 adds none
+    negative_rules: Optional[list[str]] = None  # the Week 0e rules that make them; None: all of them
 
 @dataclass
 class TrainingConfig:
@@ -153,6 +154,7 @@ def validate_config(cfg: DictConfig, # a composed training config
                    ) -> None:
     "Raise `ConfigError` listing every invalid value in `cfg`."
     from mlops_basics.model import BackboneError, resolve_backbone
+    from mlops_basics.negatives import PERTURBATIONS
     checks = [
         (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be at least 1"),
@@ -167,6 +169,7 @@ def validate_config(cfg: DictConfig, # a composed training config
         (cfg.trainer.num_threads >= 0, "trainer.num_threads must be 0 (torch's default) or more"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.data.synthetic_negatives >= 0, "data.synthetic_negatives must be 0 or more"),
+        (set(cfg.data.negative_rules or ()) <= set(PERTURBATIONS), f"data.negative_rules must be rules of Week 0e ({', '.join(PERTURBATIONS)})"),
         (0 < cfg.training.layer_decay <= 1, "training.layer_decay must be in (0, 1]"),
         (cfg.training.reinit_layers >= 0, "training.reinit_layers must be 0 or more"),
     ]
@@ -245,7 +248,7 @@ def _datamodule(cfg: DictConfig, tokenizer):
     d = cfg.data
     return ColaDataModule(tokenizer, source=d.source, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, max_length=d.max_length,
                           num_workers=d.num_workers, verify=d.verify_checksums, group_by_length=d.group_by_length, seed=cfg.training.seed,
-                          negatives=d.synthetic_negatives)
+                          negatives=d.synthetic_negatives, negative_rules=d.negative_rules and list(d.negative_rules))
 
 def _validate_best(trainer, classifier, datamodule) -> tuple[str | None, list[dict], Any]:
     "Reload the best checkpoint's weights (by validation MCC) into `classifier` and score the validation split: (best path, history, report)."

@@ -76,7 +76,8 @@ def test_wandb_offline_run_has_report_and_model(tmp_path):
 
 def training_sentences(cfg) -> int:
     "CoLA's 8551 training sentences plus the synthetic negatives `cfg` adds."
-    return 8551 + round(cfg["data"]["synthetic_negatives"] * 8551)
+    from mlops_basics.negatives import negatives_for
+    return 8551 + negatives_for(8551, cfg["data"]["synthetic_negatives"])
 
 
 @pytest.mark.slow
