@@ -239,10 +239,16 @@ def parameter_groups(model: transformers.PreTrainedModel, # a Hugging Face class
 def reinit_top_layers(model: transformers.PreTrainedModel, # a Hugging Face encoder classifier
                       n: int, # how many of the top encoder layers to re-initialise
                      ) -> transformers.PreTrainedModel:
-    "`model` with its top `n` encoder layers re-initialised as the architecture initialises new weights."
+    "`model` with its top `n` encoder layers re-initialised as BERT initialises new weights: normal(0, initializer_range), zero biases, unit norms."
     layers = model.base_model.encoder.layer
     if not 0 <= n <= len(layers): raise ValueError(f"reinit_layers must be between 0 and {len(layers)}, got {n}")
-    for layer in layers[len(layers) - n:]: layer.apply(model._init_weights)
+    # Not `model._init_weights`: transformers 5 skips every tensor loaded from a checkpoint, so it would leave the layers as they are.
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for module in (m for layer in layers[len(layers) - n:] for m in layer.modules()):
+            if isinstance(module, torch.nn.Linear): module.weight.normal_(0.0, std)
+            elif isinstance(module, torch.nn.LayerNorm): module.weight.fill_(1.0)
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and module.bias is not None: module.bias.zero_()
     return model
 
 # %% ../nbs/00c_model.ipynb #35539774
