@@ -92,7 +92,9 @@ def collect() -> dict:
                          "pass_rates": rates}
     result = {"what": "training recipes for all-MiniLM-L6-v2 on CoLA, each on the default budget (6 epochs, early stopping on validation MCC)",
               "machine": f"{os.cpu_count()} CPU cores", "date": dt.date.today().isoformat(),
-              "note": "minutes are per run with the threads listed; two runs shared the 2 cores, so a run alone on both cores takes roughly 0.6x as long",
+              "note": "minutes are per run with the threads listed; two runs shared the 2 cores, so a run alone on both cores takes roughly 0.6x as long. "
+                      "Runs before negatives learnt to avoid validation sentences (negatives_0.5+llrd_0.8, seed 43) had 2 of their 4276 negatives "
+                      "equal to validation sentences; every other run had none.",
               "recipes": recipes, "runs": runs, "versions": package_versions(("torch", "transformers", "pytorch-lightning"))}
     write_json(result, RESULT)
     return result
