@@ -169,7 +169,8 @@ def validate_config(cfg: DictConfig, # a composed training config
         (cfg.trainer.num_threads >= 0, "trainer.num_threads must be 0 (torch's default) or more"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.data.synthetic_negatives >= 0, "data.synthetic_negatives must be 0 or more"),
-        (set(cfg.data.negative_rules or ()) <= set(PERTURBATIONS), f"data.negative_rules must be rules of Week 0e ({', '.join(PERTURBATIONS)})"),
+        (cfg.data.negative_rules is None or 0 < len(cfg.data.negative_rules) and set(cfg.data.negative_rules) <= set(PERTURBATIONS),
+         f"data.negative_rules must be null (all of them) or some of Week 0e's rules ({', '.join(PERTURBATIONS)})"),
         (0 < cfg.training.layer_decay <= 1, "training.layer_decay must be in (0, 1]"),
         (cfg.training.reinit_layers >= 0, "training.reinit_layers must be 0 or more"),
     ]
