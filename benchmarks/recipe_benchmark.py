@@ -41,6 +41,15 @@ RECIPES = {  # name -> (what it changes, Hydra overrides); each starts from the 
     "negatives_1.0+llrd_0.8+9_rules": ("as above, twice as many negatives",
                                        [*OLD_DEFAULT, "data.synthetic_negatives=1.0", "data.negative_rules=null", "training.layer_decay=0.8",
                                         "training.learning_rate=1e-4"]),
+    "mpnet_base": ("all-mpnet-base-v2 (12 layers, 768 wide, 5x MiniLM's compute) with the default's negatives: 3 epochs at 3e-5, one rate for all layers",
+                   [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "model.backbone=all-mpnet-base-v2",
+                    "training.learning_rate=3e-5", "training.layer_decay=1.0", "trainer.max_epochs=3"]),
+    "distil_mpnet": ("the default, taught by mpnet_base (seed 42, its int8 serving directory): weight 0.5, temperature 2",
+                     [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "training.layer_decay=0.8", "training.learning_rate=1e-4",
+                      f"training.distill_from={(RUNS/'mpnet_base-s42'/'serving').relative_to(ROOT)}"]),
+    "distil_mpnet_0.9": ("as distil_mpnet, the teacher's term at 0.9 of the loss",
+                         [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "training.layer_decay=0.8", "training.learning_rate=1e-4",
+                          f"training.distill_from={(RUNS/'mpnet_base-s42'/'serving').relative_to(ROOT)}", "training.distill_weight=0.9"]),
     "reinit_1": ("the top encoder layer re-initialised", [*OLD_DEFAULT, "training.reinit_layers=1"]),
     "long_low_lr": ("10 epochs at a peak of 3e-5", [*OLD_DEFAULT, "trainer.max_epochs=10", "training.learning_rate=3e-5"]),
 }
@@ -65,7 +74,7 @@ def run(recipe: str, seed: int, threads: int, extra: list[str]) -> dict:
     command = [str(Path(sys.executable).parent/"mlops-train"), f"paths.root={out}", "training.resume=false", "logger=none",
                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"hydra.run.dir={out}/hydra", *overrides]
     started = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # paths in overrides are the repository's
     wall = time.perf_counter() - started
     metadata = read_metadata(out/"model")
     record = {"recipe": recipe, "seed": seed, "overrides": overrides, "threads": threads, "wall_s": round(wall, 1),
@@ -90,9 +99,12 @@ def collect() -> dict:
                          "mcc": mccs, "mcc_mean": round(sum(mccs)/len(mccs), 4), "mcc_spread": round(max(mccs) - min(mccs), 4),
                          "minutes": round(sum(r["wall_s"] for r in mine)/len(mine)/60, 1), "threads": sorted({r["threads"] for r in mine}),
                          "pass_rates": rates}
-    result = {"what": "training recipes for all-MiniLM-L6-v2 on CoLA, each on the default budget (6 epochs, early stopping on validation MCC)",
+    result = {"what": "training recipes on CoLA: all-MiniLM-L6-v2 unless a recipe names another backbone, on the default budget (6 epochs, early stopping "
+                      "on validation MCC) unless it sets its own",
               "machine": f"{os.cpu_count()} CPU cores", "date": dt.date.today().isoformat(),
-              "note": "minutes are per run with the threads listed; two runs shared the 2 cores, so a run alone on both cores takes roughly 0.6x as long. "
+              "note": "minutes are per run with the threads listed; runs on one thread shared the 2 cores in pairs, so a run alone on both cores takes roughly "
+                      "0.6x as long (mpnet_base ran on both, sharing them with tests for about 5 minutes). The distil_ recipes' minutes include "
+                      "scoring the training sentences with the fp32 teacher (10 minutes on one thread, 4.5 on two). "
                       "Runs before negatives learnt to avoid validation sentences (negatives_0.5+llrd_0.8, seed 43) had 2 of their 4276 negatives "
                       "equal to validation sentences; every other run had none.",
               "recipes": recipes, "runs": runs, "versions": package_versions(("torch", "transformers", "pytorch-lightning"))}

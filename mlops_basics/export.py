@@ -51,7 +51,8 @@ class LogitsOnly(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__(); self.model = model
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        segments = {} if token_type_ids is None else dict(token_type_ids=token_type_ids)  # MPNet and RoBERTa take none
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits
 
 def export_onnx(model: torch.nn.Module, # a sequence classifier in eval mode
                 tokenizer, # its tokenizer, to build the example batch

