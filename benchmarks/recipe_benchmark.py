@@ -44,6 +44,9 @@ RECIPES = {  # name -> (what it changes, Hydra overrides); each starts from the 
     "mpnet_base": ("all-mpnet-base-v2 (12 layers, 768 wide, 5x MiniLM's compute) with the default's negatives: 3 epochs at 3e-5, one rate for all layers",
                    [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "model.backbone=all-mpnet-base-v2",
                     "training.learning_rate=3e-5", "training.layer_decay=1.0", "trainer.max_epochs=3"]),
+    "mpnet_base_1_epoch": ("as mpnet_base, one epoch: the schedule warms up and decays within it",
+                           [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "model.backbone=all-mpnet-base-v2",
+                            "training.learning_rate=3e-5", "training.layer_decay=1.0", "trainer.max_epochs=1"]),
     "distil_mpnet": ("the default, taught by mpnet_base (seed 42, its int8 serving directory): weight 0.5, temperature 2",
                      [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "training.layer_decay=0.8", "training.learning_rate=1e-4",
                       f"training.distill_from={(RUNS/'mpnet_base-s42'/'serving').relative_to(ROOT)}"]),
@@ -103,7 +106,7 @@ def collect() -> dict:
                       "on validation MCC) unless it sets its own",
               "machine": f"{os.cpu_count()} CPU cores", "date": dt.date.today().isoformat(),
               "note": "minutes are per run with the threads listed; runs on one thread shared the 2 cores in pairs, so a run alone on both cores takes roughly "
-                      "0.6x as long (mpnet_base ran on both, sharing them with tests for about 5 minutes). The distil_ recipes' minutes include "
+                      "0.6x as long (mpnet_base and mpnet_base_1_epoch ran on both, mpnet_base sharing them with tests for about 5 minutes). The distil_ recipes' minutes include "
                       "scoring the training sentences with the fp32 teacher (10 minutes on one thread, 4.5 on two). "
                       "Runs before negatives learnt to avoid validation sentences (negatives_0.5+llrd_0.8, seed 43) had 2 of their 4276 negatives "
                       "equal to validation sentences; every other run had none.",
