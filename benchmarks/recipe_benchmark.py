@@ -47,7 +47,7 @@ RECIPES = {  # name -> (what it changes, Hydra overrides); each starts from the 
     "mpnet_base_1_epoch": ("as mpnet_base, one epoch: the schedule warms up and decays within it",
                            [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "model.backbone=all-mpnet-base-v2",
                             "training.learning_rate=3e-5", "training.layer_decay=1.0", "trainer.max_epochs=1"]),
-    "distil_mpnet": ("the default, taught by mpnet_base (seed 42, its int8 serving directory): weight 0.5, temperature 2",
+    "distil_mpnet": ("the default, taught by mpnet_base (seed 42, its serving directory, whose default variant is fp32): weight 0.5, temperature 2",
                      [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "training.layer_decay=0.8", "training.learning_rate=1e-4",
                       f"training.distill_from={(RUNS/'mpnet_base-s42'/'serving').relative_to(ROOT)}"]),
     "distil_mpnet_0.9": ("as distil_mpnet, the teacher's term at 0.9 of the loss",
