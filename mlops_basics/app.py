@@ -110,7 +110,7 @@ class ServeSettings:
     models: Optional[str] = None  # several models, "name=dir[@variant],…"; None: `serving_dir` alone, named "main" (MLOPS_MODELS)
     live_model: Optional[str] = None  # the model a request gets when nothing picks another; None: the first (MLOPS_LIVE_MODEL)
     ab_split: Optional[str] = None  # sticky A/B split of requests with an X-User-ID, "name=weight,…" (MLOPS_AB_SPLIT)
-    batching: Optional[bool] = False  # merge concurrent requests for one model into one ONNX Runtime call; None (auto): fp32 models only (MLOPS_BATCHING: true, false or auto)
+    batching: Optional[bool] = False  # merge concurrent requests for one model into one ONNX Runtime call; None (auto): models whose answers do not depend on the batch, fp32 and blockwise int8 (MLOPS_BATCHING: true, false or auto)
     max_batch_sentences: int = 64  # sentences per merged call at most; a request with more runs alone (MLOPS_MAX_BATCH_SENTENCES)
     max_wait_ms: float = 0.0  # how long a merged call waits for more requests; 0: it takes what is queued (MLOPS_MAX_WAIT_MS)
     batch_calls: int = 2  # merged calls at once per model: while one runs, the next can start (MLOPS_BATCH_CALLS)
@@ -473,8 +473,9 @@ async def body_too_large(request: Request, exc: HTTPException) -> JSONResponse:
 
 # %% ../nbs/05_serving.ipynb #e68266e1
 def merges_exactly(predictor: ONNXPredictor) -> bool:
-    "Whether a request's answers stay exactly as they are alone when its call holds other requests: fp32, not int8 (one quantization scale per call)."
-    return predictor.variant != "int8"
+    "Whether a request's answers stay exactly as they are alone when its call holds other requests: fp32 and blockwise int8, not dynamic int8."
+    # dynamic int8 quantises a call's activations with one scale per tensor; serving directories from before `method` was recorded are dynamic
+    return predictor.variant != "int8" or predictor.metadata["variants"]["int8"].get("method") == "blockwise"
 
 class Batcher:
     "Merges concurrent predictions for one model into one predictor call: its worker takes what is queued as soon as the last call returns."
@@ -665,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", metavar="NAME=DIR[@VARIANT]", help="serve several models (repeat the option)")
     parser.add_argument("--live", help="the model requests get by default (default: the first --model)")
     parser.add_argument("--ab-split", metavar="NAME=WEIGHT,...", help="sticky A/B split of requests that carry an X-User-ID")
-    parser.add_argument("--batching", choices=["auto", "on", "off"], help="merge concurrent requests for a model into one call (auto: fp32 models only)")
+    parser.add_argument("--batching", choices=["auto", "on", "off"], help="merge concurrent requests for a model into one call (auto: fp32 and blockwise int8 models)")
     parser.add_argument("--max-batch-sentences", type=int, help="sentences per merged call at most")
     parser.add_argument("--max-wait-ms", type=float, help="how long a merged call waits for more requests (default 0)")
     args = parser.parse_args(argv)
