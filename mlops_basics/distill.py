@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .artifacts import ArtifactsError, read_metadata
 from .data import LABELS
-from .inference import BasePredictor, softmax
+from .inference import BasePredictor, Predictor, softmax
 
 # %% auto #0
 __all__ = ['open_teacher', 'teacher_probabilities', 'distillation_loss']
@@ -27,9 +27,8 @@ def open_teacher(directory: str | Path, # a serving directory (`mlops-export`) o
     if list(metadata["labels"]) != list(LABELS):
         raise ArtifactsError(f"the teacher in {directory} predicts {metadata['labels']}, not CoLA's labels {list(LABELS)}")
     if metadata.get("variants"):
-        from mlops_basics.predictor import ONNXPredictor
+        from mlops_basics.predictor import ONNXPredictor  # here, so that training without a teacher never loads ONNX Runtime
         return ONNXPredictor(directory)
-    from mlops_basics.inference import Predictor
     return Predictor(directory)
 
 def teacher_probabilities(teacher: BasePredictor, # from `open_teacher`

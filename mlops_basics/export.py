@@ -197,16 +197,17 @@ def export_serving(model_dir: str | Path, # the training artifacts directory
     model, tokenizer, trained = load_for_export(model_dir)
     max_length, splits = int(trained["max_length"]), load_cola(cola_source)
     sentences, labels = [e.sentence for e in splits.validation], [e.label for e in splits.validation]
-    def serving_logits(path): return validation_logits(lambda enc, s=make_session(path): onnx_logits(s, enc), tokenizer, sentences, max_length)
+    def serving_logits(session): return validation_logits(lambda enc: onnx_logits(session, enc), tokenizer, sentences, max_length)
     with atomic_directory(serving_dir) as staging:
         raw = export_onnx(model, tokenizer, staging/"raw.onnx", opset)
         fused = optimize_onnx(raw, staging/SERVING_FILES["fp32"], model.config.num_attention_heads, model.config.hidden_size)
         raw.unlink()
         tokenizer.backend_tokenizer.save(str(staging/TOKENIZER_FILE))
         reference = validation_logits(torch_predict_batch(model), tokenizer, sentences, max_length)
-        logits, tried = {"fp32": serving_logits(staging/SERVING_FILES["fp32"])}, {}
+        fp32 = make_session(staging/SERVING_FILES["fp32"])
+        logits, tried = {"fp32": serving_logits(fp32)}, {}
         for method in methods:  # the first that may be served stays; if none may, the last one tried
-            logits["int8"] = serving_logits(quantize_int8(staging/SERVING_FILES["fp32"], staging/SERVING_FILES["int8"], method))
+            logits["int8"] = serving_logits(make_session(quantize_int8(staging/SERVING_FILES["fp32"], staging/SERVING_FILES["int8"], method)))
             comparison = compare_variants(reference, logits, labels)
             tried[method] = {"mcc_change_vs_fp32": comparison["int8"]["metrics"]["mcc"] - comparison["fp32"]["metrics"]["mcc"],
                              "agreement_with_fp32": float((logits["int8"].argmax(1) == logits["fp32"].argmax(1)).mean())}
@@ -215,7 +216,7 @@ def export_serving(model_dir: str | Path, # the training artifacts directory
                     for v, f in SERVING_FILES.items()}
         variants["int8"] |= {"method": method, **tried[method], "methods_tried": tried}
         metadata = {"format": ARTIFACTS_FORMAT, "kind": "serving", "labels": trained["labels"], "max_length": max_length,
-                    "vocab_size": int(model.config.vocab_size), "inputs": [i.name for i in make_session(staging/SERVING_FILES["fp32"]).get_inputs()],
+                    "vocab_size": int(model.config.vocab_size), "inputs": [i.name for i in fp32.get_inputs()],
                     "opset": opset, "fused_operators": fused, "variants": variants,
                     "default_variant": choose_default_variant(comparison, max_mcc_drop),
                     "pytorch_metrics": comparison["pytorch"]["metrics"], "validation_sentences": len(sentences),
