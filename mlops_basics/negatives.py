@@ -15,7 +15,7 @@ import numpy as np
 __all__ = ['AGREEMENT', 'DETERMINER_NUMBER', 'MODALS', 'SINGULAR_PRONOUNS', 'IRREGULAR', 'DROPPABLE', 'NOT_DOUBLED', 'REFLEXIVES',
            'COMMON_VERBS', 'FUNCTION_WORDS', 'PERTURBATIONS', 'WEIGHTS', 'split_sentence', 'join_sentence', 'agreement',
            'verb_form', 'determiner_number', 'noun_agreement', 'reflexive', 'swap_adjacent', 'move_word', 'drop_word',
-           'duplicate_word', 'perturb', 'synthetic_negatives', 'negatives_for', 'add_negatives']
+           'duplicate_word', 'perturb', 'synthetic_negatives', 'negatives_for', 'add_negatives', 'vary_case']
 
 # %% ../nbs/00e_negatives.ipynb #8e23f8a6
 AGREEMENT = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has", "does": "do", "do": "does",
@@ -260,3 +260,16 @@ def add_negatives(sentences: Sequence[str], # training sentences
     n = negatives_for(len(sentences), ratio)
     made = synthetic_negatives([s for s, l in zip(sentences, labels) if l == 1], n, seed, kinds, avoid) if n else []
     return [*sentences, *(s for s, _ in made)], [*labels, *([0]*len(made))]
+
+# %% ../nbs/00e_negatives.ipynb #e94106cf
+def vary_case(sentences: Sequence[str], # training sentences, negatives included
+              share: float, # fraction of them to write all upper or all lower case (half each)
+              seed: int = 0, # seeds which sentences change and how
+             ) -> list[str]:
+    "`sentences` with a seeded `share` of them in all upper or all lower case: same order, same labels."
+    if not 0 <= share <= 1: raise ValueError(f"the case-variant share must be between 0 and 1, got {share}")
+    rng = np.random.default_rng([seed, 1])  # its own stream: the negatives a seed makes stay the same with or without it
+    chosen = rng.choice(len(sentences), size=round(share*len(sentences)), replace=False)
+    varied = list(sentences)
+    for i, upper in zip(chosen, rng.random(len(chosen)) < 0.5): varied[i] = varied[i].upper() if upper else varied[i].lower()
+    return varied

@@ -39,7 +39,7 @@ __all__ = ['CONFIG_DIR', 'RUN_FILE', 'ModelConfig', 'DataConfig', 'TrainingConfi
 @dataclass
 class ModelConfig:
     "Which encoder to fine-tune."
-    backbone: str = "all-MiniLM-L6-v2"  # a name from `BACKBONES` or a local model directory
+    backbone: str = "distilbert-gec"  # a name from `BACKBONES` or a local model directory
     dropout: Optional[float] = None  # hidden dropout; None keeps the backbone's
 
 @dataclass
@@ -54,18 +54,19 @@ class DataConfig:
     group_by_length: bool = True  # batch sentences of similar length together
     synthetic_negatives: float = 0.5  # rule-made ungrammatical sentences per training sentence (Week 0e); 0 adds none
     negative_rules: Optional[list[str]] = None  # the Week 0e rules that make them; None: all of them
+    case_variants: float = 0.0  # share of training sentences written all upper or all lower case (Week 0e)
 
 @dataclass
 class TrainingConfig:
     "Optimisation, early stopping and checkpointing."
-    learning_rate: float = 1e-4  # peak learning rate of AdamW (of the head, with layer decay)
+    learning_rate: float = 5e-5  # peak learning rate of AdamW (of the head, with layer decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_ratio: float = 0.1  # share of steps spent warming up
     seed: int = 42  # seeds weights, data order and dropout
     patience: int = 3  # validations without improvement before early stopping
     checkpoint_every_n_steps: int = 200  # how often the resumable checkpoint is refreshed
     resume: bool = True  # continue an interrupted run with the same config
-    layer_decay: float = 0.8  # learning-rate factor per encoder layer going down (1: the same rate everywhere)
+    layer_decay: float = 1.0  # learning-rate factor per encoder layer going down (1: the same rate everywhere)
     reinit_layers: int = 0  # encoder layers re-initialised from the top before training
     distill_from: Optional[str] = None  # a teacher to distil (Week 0f): a serving or artifacts directory; None trains on the labels alone
     distill_weight: float = 0.5  # share of the teacher's term in the loss
@@ -79,7 +80,7 @@ class TrainerConfig:
     num_nodes: int = 1  # machines
     strategy: str = "auto"  # auto, ddp, ddp_spawn, …
     precision: str = "32-true"  # 32-true, bf16-mixed, 16-mixed
-    max_epochs: int = 6  # epochs at most (early stopping may end sooner)
+    max_epochs: int = 2  # epochs at most (early stopping may end sooner)
     max_steps: int = -1  # optimizer steps at most; -1 for no limit
     limit_train_batches: Any = None  # a fraction of each epoch, or a number of batches
     limit_val_batches: Any = None  # likewise for validation during training
@@ -173,6 +174,7 @@ def validate_config(cfg: DictConfig, # a composed training config
         (cfg.trainer.num_threads >= 0, "trainer.num_threads must be 0 (torch's default) or more"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.data.synthetic_negatives >= 0, "data.synthetic_negatives must be 0 or more"),
+        (0 <= cfg.data.case_variants <= 1, "data.case_variants must be in [0, 1]"),
         (cfg.data.negative_rules is None or 0 < len(cfg.data.negative_rules) and set(cfg.data.negative_rules) <= set(PERTURBATIONS),
          f"data.negative_rules must be null (all of them) or some of Week 0e's rules ({', '.join(PERTURBATIONS)})"),
         (0 < cfg.training.layer_decay <= 1, "training.layer_decay must be in (0, 1]"),
@@ -257,7 +259,8 @@ def _datamodule(cfg: DictConfig, tokenizer, soft_targets=None):
     d = cfg.data
     return ColaDataModule(tokenizer, source=d.source, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, max_length=d.max_length,
                           num_workers=d.num_workers, verify=d.verify_checksums, group_by_length=d.group_by_length, seed=cfg.training.seed,
-                          negatives=d.synthetic_negatives, negative_rules=d.negative_rules and list(d.negative_rules), soft_targets=soft_targets)
+                          negatives=d.synthetic_negatives, negative_rules=d.negative_rules and list(d.negative_rules),
+                          case_variants=d.case_variants, soft_targets=soft_targets)
 
 def _validate_best(trainer, classifier, datamodule) -> tuple[str | None, list[dict], Any]:
     "Reload the best checkpoint's weights (by validation MCC) into `classifier` and score the validation split: (best path, history, report)."

@@ -170,7 +170,7 @@ def test_shipped_thresholds_follow_from_the_recorded_measurement():
         if bound <= 0: assert THRESHOLDS[name] == 0, name
         else: assert bound - 0.05 - 1e-6 < THRESHOLDS[name] <= bound + 1e-6 and abs(THRESHOLDS[name] / 0.05 - round(THRESHOLDS[name] / 0.05)) < 1e-9, (name, bound)
     assert {name: r["cases"] for name, r in capabilities.items()} == {name: len(cases) for name, cases in build_suite().items()}
-    assert measured["model"]["backbone"] == "all-MiniLM-L6-v2"
+    assert measured["model"]["backbone"] == "distilbert-gec"
 
 
 def test_behaviour_suite_is_torch_free(serving_dir):

@@ -120,7 +120,7 @@ def test_a_failed_quality_gate_stops_before_the_release(world):
 def test_an_unhealthy_canary_is_rolled_back(world):
     "Another learning rate gives another model; CloudWatch shows its canary failing 10% of requests: the alias goes back to version 2."
     params = world["repo"]/"params.yaml"
-    params.write_text(params.read_text().replace("learning_rate: 0.0001", "learning_rate: 0.0002"))
+    params.write_text(params.read_text().replace("learning_rate: 5.0e-05", "learning_rate: 0.0002"))
     lambda_traffic(world["moto"], FUNCTION, {"3": (300, 30), "2": (2700, 5)})
     # The MCC gate is not what this test is about: a tiny random model's MCC moves by chance with the learning rate.
     ran = world["drive"]({"run": "retrain", "parameters": {**world["rehearsal"], "behaviour_thresholds": {}, "mcc_tolerance": 2.0}})

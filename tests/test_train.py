@@ -69,6 +69,20 @@ def test_mpnet_named_config(tmp_path):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"): validate_config(compose("mpnet"))
 
 
+def test_minilm_named_config(tmp_path):
+    "`--config-name minilm` is the earlier default: all-MiniLM-L6-v2 with its own recipe (the head at 1e-4, layer decay 0.8, 6 epochs)."
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from mlops_basics.train import CONFIG_DIR, validate_config
+    proc = run_cli("mlops-train", "--config-name", "minilm", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job, default = yaml.safe_load(proc.stdout), compose_config()
+    assert job["model"]["backbone"] == "all-MiniLM-L6-v2" and default.model.backbone == "distilbert-gec"
+    assert (job["training"]["learning_rate"], job["training"]["layer_decay"], job["trainer"]["max_epochs"]) == (1e-4, 0.8, 6)
+    assert job["data"] == dict(default.data)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"): validate_config(compose("minilm"))
+
+
 def test_hub_backbone_fails_fast_offline(tmp_path):
     proc = run_cli("mlops-train", "model=bert_tiny", "logger=none", f"paths.root={tmp_path}", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
     assert proc.returncode == 2
