@@ -84,7 +84,7 @@ def test_tokenizers_library_matches_transformers(encoder, cola_path):
     sentences = [e.sentence for e in load_cola(cola_path).validation]
     ours = encode_batch(load_tokenizer(work/"serving"/"tokenizer.json", 128), sentences)
     theirs = AutoTokenizer.from_pretrained(work/"model")(sentences, padding=True, truncation=True, max_length=128, return_tensors="np")
-    for key in ours: assert np.array_equal(ours[key], theirs[key]), key
+    for key in theirs: assert np.array_equal(ours[key], theirs[key]), key  # every input the model's tokenizer makes (DistilBERT's has no token_type_ids)
 
 
 def test_onnx_predictor_agrees_with_pytorch_predictor(encoder, cola_path):
