@@ -17,8 +17,8 @@ def encoder(tmp_path_factory):
     import torch
     from mlops_basics.export import export_serving
     from mlops_basics.model import ColaClassifier, load_backbone, save_classifier
-    torch.set_num_threads(1)
     from mlops_basics.train import ModelConfig
+    torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("encoder")
     model, tokenizer = load_backbone(ModelConfig.backbone, seed=0)
     save_classifier(ColaClassifier(model), tokenizer, work/"model", max_length=128, backbone=ModelConfig.backbone)
