@@ -52,7 +52,7 @@ COPY ${SERVING_DIR} /opt/mlops/serving
 # A numeric user, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 # Fail the build, not the first request, when the serving directory is incomplete, corrupt or unreadable.
-RUN python3 -c "from mlops_basics.predictor import ONNXPredictor; ONNXPredictor('/opt/mlops/serving').predict(['It builds.'])"
+RUN python3 -c "from mlops_basics.serving.predictor import ONNXPredictor; ONNXPredictor('/opt/mlops/serving').predict(['It builds.'])"
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 CMD ["mlops-entrypoint", "health"]
 ENTRYPOINT ["mlops-entrypoint"]

@@ -70,6 +70,7 @@ system-packages:
 # SYSTEM_PACKAGES= (empty) skips that step: .ci/run installs the Debian packages once, before everything else.
 SYSTEM_PACKAGES ?= system-packages
 test: install $(SYSTEM_PACKAGES)
+	$(BIN)/lint-imports  # the layers of .importlinter
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest
 
 test-fast: install
@@ -83,7 +84,7 @@ export: install
 # The pages show the real model: run them after `make run` (it leaves artifacts/ and reports/), then commit nbs/.
 pages: install
 	cd nbs && HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false ../$(BIN)/python -c \
-	  "import sys; from mlops_basics.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow)
+	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow)
 	$(BIN)/nbdev_clean
 	$(BIN)/python tools/sync_readme.py
 

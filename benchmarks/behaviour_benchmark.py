@@ -54,8 +54,8 @@ def main() -> dict:
     parser.add_argument("--write-thresholds", action="store_true", help="also write the thresholds into the notebook's THRESHOLDS cell")
     parser.add_argument("--notebook", type=Path, default=NOTEBOOK, help=f"the notebook --write-thresholds rewrites (default: {NOTEBOOK.relative_to(ROOT)})")
     args = parser.parse_args()
-    from mlops_basics.artifacts import package_versions
-    from mlops_basics.behaviour import threshold_from
+    from mlops_basics.core.artifacts import package_versions
+    from mlops_basics.ops.behaviour import threshold_from
     serving_dir = args.serving_dir.resolve()
     export_s = None
     if not (serving_dir/"metadata.json").exists():

@@ -63,10 +63,10 @@ def serve_install_size(extras: str) -> float:
 def main(model_dir: Path) -> dict:
     import onnxruntime as ort
     import torch
-    from mlops_basics.data import load_cola
-    from mlops_basics.export import export_onnx, export_serving, load_for_export
-    from mlops_basics.inference import Predictor
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.core.data import load_cola
+    from mlops_basics.training.export import export_onnx, export_serving, load_for_export
+    from mlops_basics.training.inference import Predictor
+    from mlops_basics.serving.predictor import ONNXPredictor
 
     serving = RUNS/"onnx_benchmark"/"serving"
     meta = export_serving(model_dir, serving)
@@ -106,10 +106,10 @@ def main(model_dir: Path) -> dict:
         for name in ("onnx_raw", "onnx_optimized", "onnx_int8"):
             results["speed"][f"{name}@{threads}"]["batch1_speedup_vs_pytorch"] = base / results["speed"][f"{name}@{threads}"]["batch1_p50_ms"]
     results["cold_start_s"] = {
-        "onnx": cold_start(f"from mlops_basics.predictor import ONNXPredictor; ONNXPredictor({str(serving)!r}).predict(['It works.'])"),
-        "pytorch": cold_start(f"from mlops_basics.inference import Predictor; Predictor({str(model_dir)!r}).predict(['It works.'])")}
+        "onnx": cold_start(f"from mlops_basics.serving.predictor import ONNXPredictor; ONNXPredictor({str(serving)!r}).predict(['It works.'])"),
+        "pytorch": cold_start(f"from mlops_basics.training.inference import Predictor; Predictor({str(model_dir)!r}).predict(['It works.'])")}
     results["serve_install_mb"] = {"serve": serve_install_size("serve"), "serve,lambda": serve_install_size("serve,lambda")}
-    from mlops_basics.artifacts import package_versions
+    from mlops_basics.core.artifacts import package_versions
     results["versions"] = package_versions()
     RESULT.write_text(json.dumps(results, indent=2) + "\n")
     return results

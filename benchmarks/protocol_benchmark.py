@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from mlops_basics.test_utils import free_port, http, process_stopped, wait_for_http  # noqa: E402
+from mlops_basics.devtools.test_utils import free_port, http, process_stopped, wait_for_http  # noqa: E402
 from serving_benchmark import cpu_model, parse_wrk, wrk_version  # noqa: E402  (same wrk parsing as the serving benchmark)
 
 RESULT = ROOT/"benchmarks"/"results"/"protocol.json"
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = args.servers.split(",")
     if set(chosen) - set(SERVERS): parser.error(f"--servers: unknown {sorted(set(chosen) - set(SERVERS))}; choose among {', '.join(SERVERS)}")
     subprocess.run(["make", "-s", "install", "mlserver"], cwd=ROOT, check=True)
-    from mlops_basics.predictor import ONNXPredictor
-    from mlops_basics.protocol import mlserver_repository
+    from mlops_basics.serving.predictor import ONNXPredictor
+    from mlops_basics.serving.protocol import mlserver_repository
     predictor = ONNXPredictor(args.serving_dir)
     SCRATCH.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=SCRATCH))

@@ -26,7 +26,7 @@ N_LATENCY, BATCH, THREADS = 300, 32, 2
 def measure(path: Path, tokenizer, sentences: list[str]) -> tuple[np.ndarray, dict]:
     "Validation logits (batches of 32) and speed of one graph."
     import onnxruntime as ort
-    from mlops_basics.predictor import encode_batch
+    from mlops_basics.serving.predictor import encode_batch
     options = ort.SessionOptions(); options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -44,10 +44,10 @@ def measure(path: Path, tokenizer, sentences: list[str]) -> tuple[np.ndarray, di
 
 def compare(serving_dir: Path, sentences: list[str], labels: list[int]) -> dict:
     "fp32, dynamic int8 and blockwise int8 of one serving directory."
-    from mlops_basics.artifacts import read_metadata
-    from mlops_basics.export import INT8_METHODS, SERVING_FILES, quantize_int8
-    from mlops_basics.inference import binary_metrics
-    from mlops_basics.predictor import load_tokenizer
+    from mlops_basics.core.artifacts import read_metadata
+    from mlops_basics.training.export import INT8_METHODS, SERVING_FILES, quantize_int8
+    from mlops_basics.core.predictions import binary_metrics
+    from mlops_basics.serving.predictor import load_tokenizer
     metadata = read_metadata(serving_dir)
     tokenizer = load_tokenizer(serving_dir/"tokenizer.json", metadata["max_length"])
     fp32 = serving_dir/SERVING_FILES["fp32"]
@@ -71,8 +71,8 @@ def main(argv=None):
     parser.add_argument("models", nargs="+", help="NAME=SERVING_DIR, e.g. default=artifacts/serving")
     args = parser.parse_args(argv)
     import onnxruntime
-    from mlops_basics.artifacts import write_json
-    from mlops_basics.data import load_cola
+    from mlops_basics.core.artifacts import write_json
+    from mlops_basics.core.data import load_cola
     validation = load_cola(None).validation
     sentences, labels = [e.sentence for e in validation], [e.label for e in validation]
     models = {}

@@ -70,15 +70,15 @@ def run_dir(recipe: str, seed: int) -> Path: return RUNS/f"{recipe}-s{seed}"
 
 def behaviour(model_dir: Path) -> dict:
     "Pass rates of the behaviour suite on the trained PyTorch model."
-    from mlops_basics.behaviour import run_suite
-    from mlops_basics.inference import Predictor
+    from mlops_basics.ops.behaviour import run_suite
+    from mlops_basics.training.inference import Predictor
     report = run_suite(Predictor(model_dir))
     return {name: {"passed": r["passed"], "cases": r["cases"], "pass_rate": r["pass_rate"]} for name, r in report["capabilities"].items()}
 
 
 def run(recipe: str, seed: int, threads: int, extra: list[str]) -> dict:
     "Train one recipe with one seed and record what it reached."
-    from mlops_basics.artifacts import read_metadata, write_json
+    from mlops_basics.core.artifacts import read_metadata, write_json
     out = run_dir(recipe, seed)
     overrides = [*RECIPES[recipe][1], *extra, f"training.seed={seed}", f"trainer.num_threads={threads}"]
     command = [str(Path(sys.executable).parent/"mlops-train"), f"paths.root={out}", "training.resume=false", "logger=none",
@@ -98,7 +98,7 @@ def run(recipe: str, seed: int, threads: int, extra: list[str]) -> dict:
 
 def collect() -> dict:
     "benchmarks/results/recipes.json from every recorded run: per recipe, MCC mean and spread over seeds and mean pass rates."
-    from mlops_basics.artifacts import package_versions, write_json
+    from mlops_basics.core.artifacts import package_versions, write_json
     runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/run.json"))]
     recipes = {}
     for name in dict.fromkeys(r["recipe"] for r in runs):

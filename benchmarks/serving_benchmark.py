@@ -23,10 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
-from mlops_basics.test_containers import (BASE_IMAGE, build_image, container_memory_peak_bytes, container_peak_rss_bytes, ensure_base_image,
-                                          image_exists, make_build_context, podman, publish_args, remove_container, remove_image,
-                                          run_http_container, run_lambda_container)
-from mlops_basics.test_utils import free_port, http
+from mlops_basics.devtools.containers import BASE_IMAGE, build_image, container_memory_peak_bytes, container_peak_rss_bytes, ensure_base_image, image_exists, make_build_context, podman, publish_args, remove_container, remove_image, run_http_container, run_lambda_container
+from mlops_basics.devtools.test_utils import free_port, http
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +107,7 @@ def start_to_first_predict(tag: str, runs: int) -> list[float]:
 
 def lambda_cold_start_in_image(tag: str, runs: int) -> list[dict]:
     "Imports and model load of the Lambda handler, timed inside the image (a fresh process each run)."
-    probe = ("import json, statistics, time; t0 = time.perf_counter(); import mlops_basics.lambda_handler as h; t1 = time.perf_counter(); "
+    probe = ("import json, statistics, time; t0 = time.perf_counter(); import mlops_basics.serving.lambda_handler as h; t1 = time.perf_counter(); "
              "h.runtime(); t2 = time.perf_counter(); h.handler({'sentence': 'It is cold.'}); t3 = time.perf_counter(); warm = []\n"
              "for i in range(50): s = time.perf_counter(); h.handler({'sentence': f'It is warm {i} times.'}); warm.append(time.perf_counter() - s)\n"
              "print(json.dumps({'import_s': t1 - t0, 'model_load_s': t2 - t1, 'first_event_s': t3 - t2, 'warm_handler_ms_p50': 1000 * statistics.median(warm)}))")
@@ -220,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"http load: {loads[-1]}", flush=True)
         finally:
             remove_image(tag)
-    from mlops_basics.artifacts import package_versions
+    from mlops_basics.core.artifacts import package_versions
     median = lambda runs, key: round(statistics.median(r[key] for r in runs), 3)
     result = {
         "what": "the serving image (HTTP and Lambda) with the trained all-MiniLM-L6-v2, ONNX " + metadata["default_variant"],
@@ -240,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "peak_rss_mb": "sum of the peak resident memory (VmHWM) of the container's processes, read at the end",
                   "latency": "wrk's latency (client side, over the loopback and podman's port forwarding); warm Lambda latency is from "
                              "handing an event to the runtime client to receiving its response",
-                  "cold_start_in_image": "a fresh python3 in the image: import mlops_basics.lambda_handler, then runtime() (load the model, "
+                  "cold_start_in_image": "a fresh python3 in the image: import mlops_basics.serving.lambda_handler, then runtime() (load the model, "
                                          "warm-up predict), then the first and 50 more direct events straight to the handler"},
         "versions": package_versions(),
     }

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlops_basics.test_utils import free_port, http
+from mlops_basics.devtools.test_utils import free_port, http
 
 ROOT = Path(__file__).resolve().parents[1]
 from serving_benchmark import cpu_model  # noqa: E402  (run as a script: benchmarks/ is on the path)

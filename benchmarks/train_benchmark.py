@@ -37,12 +37,12 @@ def machine() -> dict:
 
 def training_sentences(metadata: dict) -> int:
     "CoLA's 8551 training sentences and the synthetic negatives the run's config added."
-    from mlops_basics.negatives import negatives_for
+    from mlops_basics.training.negatives import negatives_for
     return 8551 + negatives_for(8551, metadata["config"]["data"].get("synthetic_negatives", 0.0))
 
 
 def main(overrides: list[str]) -> dict:
-    from mlops_basics.artifacts import package_versions, read_metadata
+    from mlops_basics.core.artifacts import package_versions, read_metadata
     if overrides[:1] == ["--from-run"]: return record(Path(overrides[1]))
     command = [str(Path(sys.executable).parent/"mlops-train"), f"paths.root={RUN_ROOT}", "training.resume=false",
                "trainer.enable_progress_bar=false", *overrides]
@@ -76,8 +76,8 @@ def main(overrides: list[str]) -> dict:
 
 def record(model_dir: Path) -> dict:
     "The result for a finished default run in `model_dir`, from its metadata."
-    from mlops_basics.artifacts import package_versions, read_metadata
-    from mlops_basics.train import compose_config, config_fingerprint
+    from mlops_basics.core.artifacts import package_versions, read_metadata
+    from mlops_basics.training.train import compose_config, config_fingerprint
     from omegaconf import OmegaConf
     metadata = read_metadata(model_dir)
     if config_fingerprint(OmegaConf.create(metadata["config"])) != config_fingerprint(compose_config()):  # the same test resuming uses

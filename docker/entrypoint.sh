@@ -9,7 +9,7 @@ command="${1:-serve}"
 if [ "$command" = serve ] && [ "$#" -eq 0 ] && [ -n "${AWS_LAMBDA_RUNTIME_API:-}" ]; then command=lambda; fi
 case "$command" in
   serve)  exec mlops-serve --host "${HOST:-0.0.0.0}" --port "${PORT:-8080}" --workers "${WORKERS:-1}" "$@" ;;
-  lambda) exec python3 -m awslambdaric "${1:-mlops_basics.lambda_handler.handler}" ;;
+  lambda) exec python3 -m awslambdaric "${1:-mlops_basics.serving.lambda_handler.handler}" ;;
   health) exec python3 -c "import os, sys, urllib.request
 try: urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8080')}/health\", timeout=4)
 except Exception as e: sys.exit(f'unhealthy: {e}')" ;;

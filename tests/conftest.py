@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 # The shared helpers live in the package (nbs/97_test_utils.ipynb); the tests import them from here or from there.
-from mlops_basics.test_utils import TINY_TRAIN, moto_server as _moto_server, run_cli, serve
+from mlops_basics.devtools.test_utils import TINY_TRAIN, moto_server as _moto_server, run_cli, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_COLA = ROOT.parent/"shared"/"data"/"cola"
@@ -116,7 +116,7 @@ def image(serving_dir, tmp_path_factory):
     "The serving image built from a temporary context with the tiny model; the build secret is the host CA bundle plus a canary line."
     import uuid
     from types import SimpleNamespace
-    from mlops_basics.test_containers import CA_BUNDLE, build_image, ensure_base_image, make_build_context, remove_image
+    from mlops_basics.devtools.containers import CA_BUNDLE, build_image, ensure_base_image, make_build_context, remove_image
     base = ensure_base_image()
     work = tmp_path_factory.mktemp("image")
     context = make_build_context(serving_dir, work/"context")

@@ -8,14 +8,14 @@ import sys
 import pytest
 
 from conftest import ROOT
-from mlops_basics.test_utils import run_cli
+from mlops_basics.devtools.test_utils import run_cli
 
 
 def test_suite_reports_every_capability_on_the_tiny_model(serving_dir, tmp_path):
     proc = run_cli("mlops-behaviour", "--serving-dir", serving_dir, "--no-thresholds", "--out", tmp_path/"report.json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path/"report.json").read_text())
-    from mlops_basics.behaviour import CAPABILITIES, QUALITY_TARGETS, build_suite
+    from mlops_basics.ops.behaviour import CAPABILITIES, QUALITY_TARGETS, build_suite
     suite = build_suite()
     assert set(report["capabilities"]) == set(CAPABILITIES)
     for name, r in report["capabilities"].items():
@@ -37,8 +37,8 @@ def test_suite_reports_every_capability_on_the_tiny_model(serving_dir, tmp_path)
 
 def test_the_suite_has_three_kinds_of_case(serving_dir):
     "label, higher (first above second: pairs and word order alike) and same; anything else is refused by name."
-    from mlops_basics.behaviour import build_suite, run_suite
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.ops.behaviour import build_suite, run_suite
+    from mlops_basics.serving.predictor import ONNXPredictor
     suite = build_suite()
     assert {c["kind"] for cases in suite.values() for c in cases} == {"label", "higher", "same"}
     assert all(c["kind"] == "higher" for c in suite["dir_word_order"] + suite["mft_pairs"])
@@ -52,7 +52,7 @@ def test_the_suite_has_three_kinds_of_case(serving_dir):
 
 
 def test_thresholds_decide_the_exit_code(serving_dir, tmp_path):
-    from mlops_basics.behaviour import CAPABILITIES
+    from mlops_basics.ops.behaviour import CAPABILITIES
     (tmp_path/"zero.json").write_text(json.dumps({name: 0.0 for name in CAPABILITIES}))
     assert run_cli("mlops-behaviour", "--serving-dir", serving_dir, "--thresholds", tmp_path/"zero.json").returncode == 0
     (tmp_path/"impossible.json").write_text(json.dumps({"mft_pairs": 1.01, "rob_typos": 1.01}))
@@ -68,7 +68,7 @@ def test_thresholds_decide_the_exit_code(serving_dir, tmp_path):
 
 def test_targets_are_reported_and_enforced_only_when_required(serving_dir, tmp_path):
     "Targets set to 0 are met and targets above 1 missed; only --require-targets turns a missed one into exit 1."
-    from mlops_basics.behaviour import CAPABILITIES
+    from mlops_basics.ops.behaviour import CAPABILITIES
     (tmp_path/"met.json").write_text(json.dumps({name: 0.0 for name in CAPABILITIES}))
     (tmp_path/"missed.json").write_text(json.dumps({"mft_agreement_pairs": 1.01, "rob_casing": 1.01}))
     common = ("mlops-behaviour", "--serving-dir", serving_dir, "--no-thresholds")
@@ -93,7 +93,7 @@ def test_targets_are_reported_and_enforced_only_when_required(serving_dir, tmp_p
 
 
 def test_written_capabilities_have_enough_distinct_pairs_and_a_fixed_suite():
-    from mlops_basics.behaviour import CAPABILITIES, HARD_PAIRS, QUALITY_TARGETS, THRESHOLDS, build_suite
+    from mlops_basics.ops.behaviour import CAPABILITIES, HARD_PAIRS, QUALITY_TARGETS, THRESHOLDS, build_suite
     suite = build_suite()
     assert build_suite() == suite and build_suite(7) == build_suite(7) and build_suite(7) != suite  # deterministic for a seed
     for name in [*HARD_PAIRS, "mft_agreement_labels"]:
@@ -113,7 +113,7 @@ def test_written_capabilities_have_enough_distinct_pairs_and_a_fixed_suite():
 
 def test_suite_sentences_cover_the_whole_suite():
     "What the training side checks for overlap: every sentence of every case, for the seed asked."
-    from mlops_basics.behaviour import build_suite, suite_sentences
+    from mlops_basics.ops.behaviour import build_suite, suite_sentences
     for seed in (0, 3):
         listed = set()
         for cases in build_suite(seed).values():
@@ -123,9 +123,9 @@ def test_suite_sentences_cover_the_whole_suite():
 
 def test_suite_is_apart_from_cola_and_its_synthetic_negatives(cola_path):
     "No suite sentence is a CoLA sentence, nor one the negatives generator makes from CoLA's training split (case and spacing ignored)."
-    from mlops_basics.behaviour import suite_sentences
-    from mlops_basics.data import load_cola
-    from mlops_basics.negatives import synthetic_negatives
+    from mlops_basics.ops.behaviour import suite_sentences
+    from mlops_basics.core.data import load_cola
+    from mlops_basics.training.negatives import synthetic_negatives
     splits = load_cola(cola_path)
     negatives = synthetic_negatives([e.sentence for e in splits.train if e.label == 1], n=len(splits.train), seed=0)
     assert len(negatives) > 1000
@@ -143,7 +143,7 @@ def test_benchmark_writes_the_measured_thresholds_into_the_notebook(serving_dir,
                            "--result", str(tmp_path/"behaviour.json"), "--write-thresholds", "--notebook", str(notebook)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from mlops_basics.behaviour import CAPABILITIES, QUALITY_TARGETS, threshold_from
+    from mlops_basics.ops.behaviour import CAPABILITIES, QUALITY_TARGETS, threshold_from
     measured = json.loads((tmp_path/"behaviour.json").read_text())["report"]
     assert list(measured["capabilities"]) == list(CAPABILITIES)
     assert measured["missed_targets"] == [n for n, r in measured["capabilities"].items() if r["pass_rate"] < QUALITY_TARGETS[n]]
@@ -158,7 +158,7 @@ def test_benchmark_writes_the_measured_thresholds_into_the_notebook(serving_dir,
 
 def test_shipped_thresholds_follow_from_the_recorded_measurement():
     "THRESHOLDS are what the rule gives for benchmarks/results/behaviour.json, and the measured model meets them all."
-    from mlops_basics.behaviour import THRESHOLDS, build_suite, threshold_from
+    from mlops_basics.ops.behaviour import THRESHOLDS, build_suite, threshold_from
     measured = json.loads((ROOT/"benchmarks"/"results"/"behaviour.json").read_text())
     capabilities = measured["report"]["capabilities"]
     assert THRESHOLDS == {name: threshold_from(r["pass_rate"], r["cases"]) for name, r in capabilities.items()}
@@ -176,8 +176,8 @@ def test_shipped_thresholds_follow_from_the_recorded_measurement():
 def test_behaviour_suite_is_torch_free(serving_dir):
     probe = f"""
 import json, sys
-from mlops_basics.behaviour import run_suite
-from mlops_basics.predictor import ONNXPredictor
+from mlops_basics.ops.behaviour import run_suite
+from mlops_basics.serving.predictor import ONNXPredictor
 report = run_suite(ONNXPredictor({str(serving_dir)!r}))
 print(json.dumps(sorted({{"torch", "transformers", "lightning", "pytorch_lightning"}} & set(sys.modules))))
 """

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from mlops_basics.test_utils import BIN, free_port, http, json_lines, wait_for_http
-from mlops_basics.test_containers import (BASE_IMAGE, CA_BUNDLE, CONTEXT_FILES, make_build_context, podman, podman_env, remove_container,
-                                           run_http_container, run_lambda_container)
+from mlops_basics.devtools.test_utils import BIN, free_port, http, json_lines, wait_for_http
+from mlops_basics.devtools.containers import BASE_IMAGE, CA_BUNDLE, CONTEXT_FILES, make_build_context, podman, podman_env, remove_container, run_http_container, run_lambda_container
 
 EVENTS = Path(__file__).parent/"events"
 HEAVY = {"torch", "transformers", "lightning", "pytorch-lightning", "torchmetrics"}
@@ -143,7 +142,7 @@ def http_container(image):
 
 @pytest.mark.slow
 def test_http_predict_and_health_in_the_container(http_container, serving_dir):
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.serving.predictor import ONNXPredictor
     url, name = http_container
     local = ONNXPredictor(serving_dir, threads=1)
     health = json.loads(http("GET", f"{url}/health")[2])
@@ -210,7 +209,7 @@ def event(name: str) -> dict: return json.loads((EVENTS/name).read_text())
 @pytest.mark.slow
 def test_lambda_container_answers_every_event_kind(image, serving_dir):
     "The runtime client in the image, as Lambda runs it: read-only root file system, a tmpfs /tmp, an unprivileged user id."
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.serving.predictor import ONNXPredictor
     version = ONNXPredictor(serving_dir, threads=1).version
     with run_lambda_container(image.tag, "--user", "993:990") as (api, name, _):
         v1 = api.invoke(event("apigw_v1.json"), container=name)
@@ -261,7 +260,7 @@ def test_lambda_invocation_error_is_reported(image):
 def test_compose_serves_the_mounted_serving_directory(image, serving_dir):
     "compose.yaml brought up by podman-compose on the test's image, with a serving directory mounted over the baked-in one."
     assert shutil.which("podman-compose"), "podman-compose is needed (Debian package podman-compose): .ci/system-packages installs it"
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.serving.predictor import ONNXPredictor
     mounted = Path(tempfile.mkdtemp(prefix="mlops-compose-", dir="/tmp")); mounted.chmod(0o755)  # the image's user must reach it
     shutil.copytree(serving_dir, mounted/"serving"); (mounted/"serving"/"MOUNTED").write_text("from the host\n")
     port, project = free_port(), f"mlopstest{uuid.uuid4().hex[:8]}"

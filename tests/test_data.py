@@ -6,8 +6,7 @@ from functools import partial
 
 import pytest
 
-from mlops_basics.data import (COLA_ENV_VAR, COLA_ZIP_SHA256, ColaDataError, download_cola, load_cola, read_cola_files,
-                               sha256_file)
+from mlops_basics.core.data import COLA_ENV_VAR, COLA_ZIP_SHA256, ColaDataError, download_cola, load_cola, read_cola_files, sha256_file
 
 
 @pytest.fixture()

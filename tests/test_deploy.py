@@ -17,10 +17,9 @@ import boto3
 import pytest
 
 from conftest import run_workflow_step, workflow_job, workflow_step
-from mlops_basics.test_utils import BIN, free_port
-from rehearsal import registry_server
-from mlops_basics.test_containers import (BASE_IMAGE, CA_BUNDLE, ensure_base_image, make_build_context, podman, podman_env,
-                                           remove_image, run_http_container)
+from mlops_basics.devtools.test_utils import BIN, free_port
+from mlops_basics.devtools.rehearsal import registry_server
+from mlops_basics.devtools.containers import BASE_IMAGE, CA_BUNDLE, ensure_base_image, make_build_context, podman, podman_env, remove_image, run_http_container
 
 pytestmark = pytest.mark.slow
 REGION = "eu-west-1"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from mlops_basics.test_utils import BIN
+from mlops_basics.devtools.test_utils import BIN
 
 WEEK_PAGES = sorted(p.stem for p in (ROOT/"nbs").glob("[01]*.ipynb")) + ["benchmarks", "index"]
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])/(?:tmp|root|home|work|Users|private)/\S")

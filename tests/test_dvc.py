@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, workflow_step
-from mlops_basics.test_utils import BIN, http
+from mlops_basics.devtools.test_utils import BIN, http
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mlops_basics.test_utils import run_cli
+from mlops_basics.devtools.test_utils import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -15,9 +15,10 @@ pytestmark = pytest.mark.slow
 def encoder(tmp_path_factory):
     "The default backbone with a fresh (seeded) head saved as training would, exported to a serving directory."
     import torch
-    from mlops_basics.export import export_serving
-    from mlops_basics.model import ColaClassifier, load_backbone, save_classifier
-    from mlops_basics.train import ModelConfig
+    from mlops_basics.training.export import export_serving
+    from mlops_basics.training.model import ColaClassifier, save_classifier
+    from mlops_basics.training.backbones import load_backbone
+    from mlops_basics.training.train import ModelConfig
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("encoder")
     model, tokenizer = load_backbone(ModelConfig.backbone, seed=0)
@@ -28,7 +29,7 @@ def encoder(tmp_path_factory):
 
 def test_fp32_matches_pytorch_on_all_1043_sentences(encoder):
     import onnx
-    from mlops_basics.artifacts import ARTIFACTS_FORMAT
+    from mlops_basics.core.artifacts import ARTIFACTS_FORMAT
     work, meta = encoder
     assert meta["format"] == ARTIFACTS_FORMAT
     assert meta["inputs"] == [i.name for i in onnx.load(work/"serving"/"model.onnx").graph.input]
@@ -61,7 +62,7 @@ def onnx_predictions(model_file, tokenizer, sentences, batch_size: int = 64) -> 
 def test_int8_is_measured_and_recorded(encoder, cola_path):
     "The recorded metrics are what the shipped files predict, and the default variant follows the 0.01 MCC rule."
     from transformers import AutoTokenizer
-    from mlops_basics.data import load_cola
+    from mlops_basics.core.data import load_cola
     work, meta = encoder
     validation = load_cola(cola_path).validation
     sentences, labels = [e.sentence for e in validation], np.array([e.label for e in validation])
@@ -78,8 +79,8 @@ def test_int8_is_measured_and_recorded(encoder, cola_path):
 
 def test_tokenizers_library_matches_transformers(encoder, cola_path):
     from transformers import AutoTokenizer
-    from mlops_basics.data import load_cola
-    from mlops_basics.predictor import encode_batch, load_tokenizer
+    from mlops_basics.core.data import load_cola
+    from mlops_basics.serving.predictor import encode_batch, load_tokenizer
     work, _ = encoder
     sentences = [e.sentence for e in load_cola(cola_path).validation]
     ours = encode_batch(load_tokenizer(work/"serving"/"tokenizer.json", 128), sentences)
@@ -88,9 +89,9 @@ def test_tokenizers_library_matches_transformers(encoder, cola_path):
 
 
 def test_onnx_predictor_agrees_with_pytorch_predictor(encoder, cola_path):
-    from mlops_basics.data import load_cola
-    from mlops_basics.inference import Predictor
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.core.data import load_cola
+    from mlops_basics.training.inference import Predictor
+    from mlops_basics.serving.predictor import ONNXPredictor
     work, _ = encoder
     sentences = [e.sentence for e in load_cola(cola_path).validation][:200]
     torch_probs = Predictor(work/"model").predict_proba(sentences)
@@ -100,8 +101,8 @@ def test_onnx_predictor_agrees_with_pytorch_predictor(encoder, cola_path):
 
 
 def test_mismatched_tokenizer_and_bad_files(encoder, tmp_path):
-    from mlops_basics.artifacts import ArtifactsError
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.core.artifacts import ArtifactsError
+    from mlops_basics.serving.predictor import ONNXPredictor
     work, _ = encoder
     broken = tmp_path/"serving"; shutil.copytree(work/"serving", broken)
     meta = json.loads((broken/"metadata.json").read_text()); meta["vocab_size"] = 1000  # as if the model knew a smaller vocabulary

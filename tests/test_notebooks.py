@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from mlops_basics.test_utils import BIN
+from mlops_basics.devtools.test_utils import BIN
 
 NOTEBOOKS = sorted(p for p in (ROOT/"nbs").glob("*.ipynb") if not p.name.startswith("_"))
 

@@ -3,7 +3,7 @@ SQLite): retrain on the course's DVC pipeline with a tiny model, a local DVC rem
 registry; a push that fails once as a flaky network would and is retried; an unchanged model that is not released again; a failed
 quality gate that stops before any push or release; an unhealthy canary rolled back; drift that starts the retrain deployment of
 prefect.yaml. Prefect's pins clash with .venv's, so the flows run in
-.venv-prefect (tests/orchestration_driver.py) and these tests read what the API recorded."""
+.venv-prefect (mlops_basics.devtools.orchestration_driver) and these tests read what the API recorded."""
 import json
 import os
 import subprocess
@@ -13,13 +13,13 @@ import boto3
 import pytest
 
 from conftest import ROOT
-from mlops_basics.test_containers import containers_conf
-from mlops_basics.test_utils import BIN
-from rehearsal import (AWS_ENV, REGION, alias_state, fail_once, lambda_function, lambda_traffic, registry_server, registry_tags,
+from mlops_basics.devtools.containers import containers_conf
+from mlops_basics.devtools.test_utils import BIN
+from mlops_basics.devtools.rehearsal import (AWS_ENV, REGION, alias_state, fail_once, lambda_function, lambda_traffic, registry_server, registry_tags,
                        tiny_pipeline_repo, traffic_log)
 
 pytestmark = pytest.mark.slow
-DRIVER = ROOT/"tests"/"orchestration_driver.py"
+DRIVER = ["-m", "mlops_basics.devtools.orchestration_driver"]  # run with .venv-prefect's Python
 FUNCTION = f"mlops-basics-{uuid.uuid4().hex[:6]}"
 
 
@@ -27,7 +27,7 @@ FUNCTION = f"mlops-basics-{uuid.uuid4().hex[:6]}"
 def prefect_api(prefect_python, tmp_path_factory):
     "A real Prefect server (its own SQLite under a temporary PREFECT_HOME); yields the environment that points flows at it."
     home = tmp_path_factory.mktemp("prefect")
-    server = subprocess.Popen([str(prefect_python), str(DRIVER), json.dumps({"serve": str(home)})], stdin=subprocess.PIPE,
+    server = subprocess.Popen([str(prefect_python), *DRIVER, json.dumps({"serve": str(home)})], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         url = json.loads(server.stdout.readline() or "null")
@@ -46,13 +46,13 @@ def world(prefect_api, prefect_python, moto_server, tmp_path_factory):
     lambda_function(moto_server, FUNCTION)
 
     def drive(request: dict, timeout: float = 600):
-        proc = subprocess.run([str(prefect_python), str(DRIVER), json.dumps(request)], capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run([str(prefect_python), *DRIVER, json.dumps(request)], capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **env})
         assert proc.returncode == 0, f"{request}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     with registry_server(work/"registry") as registry:
-        rehearsal = dict(repo=str(repo), remote="local", image="localhost/mlops-basics-orchestration", build="rehearsal:podman_import_build",
+        rehearsal = dict(repo=str(repo), remote="local", image="localhost/mlops-basics-orchestration", build="mlops_basics.devtools.rehearsal:podman_import_build",
                          registry=registry, insecure_registry=True, canary_pause_s=0, retry_delay_s=0, tools=str(BIN))
         yield {"repo": repo, "work": work, "registry": registry, "moto": moto_server, "drive": drive, "rehearsal": rehearsal}
 
@@ -145,8 +145,8 @@ def test_prefect_yaml_deployments_register_with_their_schedules(world):
 def test_drift_starts_the_retrain_deployment_once(world):
     "Shifted traffic fails the drift report, and the monitor starts retrain/weekly; a second run on the same log is served from the cache."
     import numpy as np
-    from mlops_basics.data import load_cola
-    from mlops_basics.drift import corrupt
+    from mlops_basics.core.data import load_cola
+    from mlops_basics.ops.drift import corrupt
     rng = np.random.default_rng(0)
     serving_dir = world["repo"]/"artifacts"/"serving"
     log = traffic_log(serving_dir, [corrupt(e.sentence, rng) for e in load_cola().validation[:120]], world["work"]/"app.log", str(BIN))

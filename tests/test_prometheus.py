@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from mlops_basics.test_utils import BIN, free_port, http, process_stopped, wait_for_http
-from mlops_basics.app import LATENCY_BUCKETS
+from mlops_basics.devtools.test_utils import BIN, free_port, http, process_stopped, wait_for_http
+from mlops_basics.serving.observability import LATENCY_BUCKETS
 
 RULES = ROOT/"monitoring"/"prometheus"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -137,7 +137,7 @@ scrape_configs:
 
 def test_prometheus_scrapes_the_app_and_promql_gives_what_the_traffic_implies(served_and_scraped):
     "Each of `monitoring.PROMQL`'s queries, asked of a live Prometheus, gives what the test's own traffic implies."
-    from mlops_basics.dashboards import PROMQL, promql
+    from mlops_basics.ops.dashboards import PROMQL, promql
     app, prom, app_log = served_and_scraped
     wait_for(lambda: query(prom, 'up{job="mlops-serve"} == 1', time.time()), "the app's target to be up")
     post = lambda sentences, rid: http("POST", f"{app}/predict", json.dumps({"sentences": sentences}).encode(),

@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import ROOT
 from test_serving import raw_post  # a POST that tolerates the server answering 413 before the body is sent
-from mlops_basics.test_utils import free_port, http, running_server, serve
+from mlops_basics.devtools.test_utils import free_port, http, running_server, serve
 
 JSON = {"Content-Type": "application/json"}
 SENTENCES = ["The book was read by the student.", "Book the the read.", "She sang beautifully.", "Who do you think that left?"]
@@ -167,7 +167,7 @@ def test_protocol_requests_move_the_apps_metrics(protocol_server):
 def test_the_lambda_handler_speaks_the_protocol(serving_dir, monkeypatch):
     "API Gateway (HTTP API) events for the /v2 routes reach the same app through the handler."
     monkeypatch.setenv("MLOPS_SERVING_DIR", str(serving_dir))
-    from mlops_basics import lambda_handler
+    from mlops_basics.serving import lambda_handler
     lambda_handler._runtime.clear()
     event = json.loads((Path(__file__).parent/"events"/"apigw_v2.json").read_text())
     def call(method: str, path: str, body=None) -> tuple[int, dict]:
@@ -198,7 +198,7 @@ def mlserver_bin() -> Path:
 @pytest.fixture(scope="module")
 def mlserver_url(mlserver_bin, serving_dir, tmp_path_factory):
     "MLServer serving the tiny model (fp32, as the app's `blue`) as `cola` with `CoLARuntime` and adaptive batching on; yields its HTTP base URL."
-    from mlops_basics.protocol import mlserver_repository
+    from mlops_basics.serving.protocol import mlserver_repository
     work = tmp_path_factory.mktemp("mlserver")
     http_port = free_port()
     repository = mlserver_repository(work/"repository", serving_dir, variant="fp32", threads=1, max_batch_size=8, max_batch_time=0.05,

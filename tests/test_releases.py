@@ -7,9 +7,8 @@ import zipfile
 
 import pytest
 
-from mlops_basics.test_utils import free_port, http, run_cli, serve
-from mlops_basics.releases import (AliasState, CanaryPolicy, LambdaRelease, VariantMetrics, ab_compare, decide, run_canary,
-                                   variant_metrics)
+from mlops_basics.devtools.test_utils import free_port, http, run_cli, serve
+from mlops_basics.ops.releases import AliasState, CanaryPolicy, LambdaRelease, VariantMetrics, ab_compare, decide, run_canary, variant_metrics
 
 
 def package(tag: str) -> bytes:
@@ -169,7 +168,7 @@ def predict(url, body, headers=None):
 
 def test_ab_split_is_sticky_per_user_with_metrics_per_model(ab_server):
     url, log = ab_server
-    from mlops_basics.app import sticky_assignment
+    from mlops_basics.serving.settings import sticky_assignment
     health = json.loads(http("GET", f"{url}/health")[2])
     assert health["live"] == "a" and set(health["models"]) == {"a", "b"} and health["ab_split"] == {"a": 0.5, "b": 0.5}
     assert (health["models"]["a"]["variant"], health["models"]["b"]["variant"]) == ("fp32", "int8")
@@ -213,7 +212,7 @@ def test_single_model_log_lines_stay_compatible_and_name_the_model(server):
 def test_lambda_handler_serves_several_models(serving_dir, monkeypatch):
     monkeypatch.setenv("MLOPS_MODELS", f"a={serving_dir}@fp32,b={serving_dir}@int8")
     monkeypatch.setenv("MLOPS_LIVE_MODEL", "b")
-    from mlops_basics import lambda_handler
+    from mlops_basics.serving import lambda_handler
     lambda_handler._runtime.clear()
     try:
         assert lambda_handler.handler({"sentence": "Hi there."}, None)["model"] == "b"

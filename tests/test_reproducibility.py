@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops_basics.test_utils import run_cli, TINY_TRAIN
+from mlops_basics.devtools.test_utils import run_cli, TINY_TRAIN
 
 pytestmark = pytest.mark.slow
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from mlops_basics.test_utils import BIN, free_port, http, json_lines, run_cli, serve
+from mlops_basics.devtools.test_utils import BIN, free_port, http, json_lines, run_cli, serve
 
 
 JSON = {"Content-Type": "application/json"}
@@ -97,8 +97,9 @@ class FailingSession:
 
 def test_predict_tokenizes_each_sentence_once(serving_dir):
     from fastapi.testclient import TestClient
-    from mlops_basics.app import ServeSettings, create_app
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.serving.settings import ServeSettings
+    from mlops_basics.serving.app import create_app
+    from mlops_basics.serving.predictor import ONNXPredictor
     predictor = ONNXPredictor(serving_dir, threads=1)
     client = TestClient(create_app(ServeSettings(serving_dir=str(serving_dir)), predictor=predictor))
     encoded = []
@@ -115,7 +116,8 @@ def test_predict_tokenizes_each_sentence_once(serving_dir):
 def test_metadata_without_metrics_still_serves(serving_dir, tmp_path):
     "Validation metrics are optional in a serving directory: /health says None rather than failing."
     from fastapi.testclient import TestClient
-    from mlops_basics.app import ServeSettings, create_app
+    from mlops_basics.serving.settings import ServeSettings
+    from mlops_basics.serving.app import create_app
     copy = tmp_path/"serving"; shutil.copytree(serving_dir, copy)
     meta = json.loads((copy/"metadata.json").read_text())
     for spec in meta["variants"].values(): spec.pop("metrics")
@@ -175,7 +177,7 @@ def test_page_in_headless_chromium(server):
 
 def test_lambda_handler_in_process(serving_dir, monkeypatch):
     monkeypatch.setenv("MLOPS_SERVING_DIR", str(serving_dir))
-    from mlops_basics import lambda_handler
+    from mlops_basics.serving import lambda_handler
     lambda_handler._runtime.clear()
     try:
         events = Path(__file__).parent/"events"
@@ -192,9 +194,10 @@ def test_lambda_handler_in_process(serving_dir, monkeypatch):
 def test_lambda_direct_invocation_of_a_failing_model_raises(serving_dir):
     "A 5xx is the function's fault: a clear PredictFailed (a Lambda function error), not a JSONDecodeError or a 200."
     from mangum import Mangum
-    from mlops_basics import lambda_handler
-    from mlops_basics.app import ServeSettings, create_app
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.serving import lambda_handler
+    from mlops_basics.serving.settings import ServeSettings
+    from mlops_basics.serving.app import create_app
+    from mlops_basics.serving.predictor import ONNXPredictor
     predictor = ONNXPredictor(serving_dir, threads=1)
     app = create_app(ServeSettings(serving_dir=str(serving_dir)), predictor=predictor)
     predictor.session = FailingSession()
@@ -223,17 +226,18 @@ def test_serve_extra_alone_in_a_fresh_venv(serving_dir, tmp_path):
     probe = f"""
 import json, sys, time
 started = time.perf_counter()
-from mlops_basics.predictor import ONNXPredictor
+from mlops_basics.serving.predictor import ONNXPredictor
 p = ONNXPredictor({str(serving_dir)!r})
 p.predict(["It works."])
 first = time.perf_counter() - started
 from fastapi.testclient import TestClient
-from mlops_basics.app import create_app, ServeSettings
+from mlops_basics.serving.app import create_app
+from mlops_basics.serving.settings import ServeSettings
 client = TestClient(create_app(ServeSettings(serving_dir={str(serving_dir)!r})))
 assert client.post("/predict", json={{"sentences": ["Hello there."]}}).status_code == 200
 assert client.post("/v2/models/main/infer", json={{"inputs": [{{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["Hi."]}}]}}).status_code == 200
 import os; os.environ["MLOPS_SERVING_DIR"] = {str(serving_dir)!r}
-from mlops_basics.lambda_handler import handler
+from mlops_basics.serving.lambda_handler import handler
 assert handler({{"sentence": "Hi."}}, None)["predictions"]
 print(json.dumps({{"heavy": sorted({{'torch', 'transformers', 'pytorch_lightning', 'lightning', 'mlserver'}} & set(sys.modules)), "first_prediction_s": first}}))
 """
@@ -269,12 +273,12 @@ def test_every_line_the_server_prints_is_json(serving_dir, tmp_path, workers):
 
 def test_every_line_the_lambda_runtime_client_prints_is_json(serving_dir, tmp_path):
     "The handler under the real runtime client (awslambdaric, JSON log format as the image sets it), answering and failing: JSON lines only."
-    from mlops_basics.test_containers import LambdaRuntimeAPI
+    from mlops_basics.devtools.containers import LambdaRuntimeAPI
     def invoke(serving: Path, log: Path):
         with LambdaRuntimeAPI() as api, open(log, "wb") as out:
             env = {**os.environ, "AWS_LAMBDA_RUNTIME_API": api.address, "AWS_LAMBDA_LOG_FORMAT": "JSON", "MLOPS_SERVING_DIR": str(serving),
                    "MLOPS_THREADS": "1"}
-            proc = subprocess.Popen([sys.executable, "-m", "awslambdaric", "mlops_basics.lambda_handler.handler"], stdout=out,
+            proc = subprocess.Popen([sys.executable, "-m", "awslambdaric", "mlops_basics.serving.lambda_handler.handler"], stdout=out,
                                     stderr=subprocess.STDOUT, env=env)
             try: return api.invoke({"sentence": "She sang."}, timeout=120)
             finally: proc.terminate(); proc.wait(timeout=30)
@@ -291,7 +295,7 @@ def test_concurrent_requests_share_one_call_and_each_gets_its_own_answers(servin
     "Four requests (/predict and /v2 infer, 8 sentences in all) sent together are merged into one predictor call; each gets the answers it gets alone."
     from concurrent.futures import ThreadPoolExecutor
     from prometheus_client.parser import text_string_to_metric_families
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.serving.predictor import ONNXPredictor
     alone = ONNXPredictor(serving_dir, "fp32", threads=1)
     labels = alone.labels
     requests = [("predict", ["The book was read by the student."]), ("v2", ["Book the the read.", "She sang beautifully."]),
@@ -332,8 +336,9 @@ def test_a_failing_request_in_a_merged_call_fails_alone(serving_dir):
     "When one request of a merged call makes the model fail, the call is retried request by request: only that request gets the 500."
     from concurrent.futures import ThreadPoolExecutor
     from fastapi.testclient import TestClient
-    from mlops_basics.app import ServeSettings, create_app
-    from mlops_basics.predictor import ONNXPredictor
+    from mlops_basics.serving.settings import ServeSettings
+    from mlops_basics.serving.app import create_app
+    from mlops_basics.serving.predictor import ONNXPredictor
     class Refusing(ONNXPredictor):
         "A real predictor that fails on one sentence, as a model that cannot take some input would."
         def predict_with_stats(self, sentences):

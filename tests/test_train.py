@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from mlops_basics.test_utils import BIN, run_cli, TINY_TRAIN
-from mlops_basics.artifacts import read_metadata
-from mlops_basics.train import compose_config
+from mlops_basics.devtools.test_utils import BIN, run_cli, TINY_TRAIN
+from mlops_basics.core.artifacts import read_metadata
+from mlops_basics.training.train import compose_config
 
 
 def test_train_writes_the_artifacts_contract(tiny_model_dir):
@@ -27,7 +27,7 @@ def test_train_writes_the_artifacts_contract(tiny_model_dir):
 
 
 def test_predictor_on_trained_artifacts(tiny_model_dir):
-    from mlops_basics.inference import Predictor
+    from mlops_basics.training.inference import Predictor
     predictor = Predictor(tiny_model_dir)
     sentences = ["The book was read by the student.", "Book the the read.", "", "Ünïcödé? 🙂", "long " * 600]
     probs = predictor.predict_proba(sentences)
@@ -59,7 +59,7 @@ def test_mpnet_named_config(tmp_path):
     "`--config-name mpnet` is the default config with the larger backbone and its schedule, and passes validation."
     import yaml
     from hydra import compose, initialize_config_dir
-    from mlops_basics.train import CONFIG_DIR, validate_config
+    from mlops_basics.training.train import CONFIG_DIR, validate_config
     proc = run_cli("mlops-train", "--config-name", "mpnet", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job, default = yaml.safe_load(proc.stdout), compose_config()
@@ -73,7 +73,7 @@ def test_minilm_named_config(tmp_path):
     "`--config-name minilm` is the earlier default: all-MiniLM-L6-v2 with its own recipe (the head at 1e-4, layer decay 0.8, 6 epochs)."
     import yaml
     from hydra import compose, initialize_config_dir
-    from mlops_basics.train import CONFIG_DIR, validate_config
+    from mlops_basics.training.train import CONFIG_DIR, validate_config
     proc = run_cli("mlops-train", "--config-name", "minilm", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job, default = yaml.safe_load(proc.stdout), compose_config()
@@ -106,9 +106,10 @@ def test_wandb_offline_run_has_report_and_model(tmp_path):
 def test_student_trains_on_the_teachers_probabilities():
     "Every training sentence, negatives included, carries the teacher's probabilities, and the training loss is the distillation loss."
     import torch
-    from mlops_basics.distill import distillation_loss
-    from mlops_basics.model import ColaClassifier, ColaDataModule, load_backbone
-    from mlops_basics.negatives import negatives_for
+    from mlops_basics.training.distill import distillation_loss
+    from mlops_basics.training.model import ColaClassifier, ColaDataModule
+    from mlops_basics.training.backbones import load_backbone
+    from mlops_basics.training.negatives import negatives_for
     model, tokenizer = load_backbone("tiny-random-bert")
     asked = []
     def teacher(sentences):  # a stand-in teacher: more sure of longer sentences
@@ -136,7 +137,7 @@ def test_train_distils_a_served_teacher(serving_dir, tmp_path):
 
 def training_sentences(cfg) -> int:
     "CoLA's 8551 training sentences plus the synthetic negatives `cfg` adds."
-    from mlops_basics.negatives import negatives_for
+    from mlops_basics.training.negatives import negatives_for
     return 8551 + negatives_for(8551, cfg["data"]["synthetic_negatives"])
 
 

@@ -31,11 +31,12 @@ def _text_outputs(cell) -> str:
 
 
 def github_links(markdown: str) -> str:
-    "Links as GitHub shows the README: a page `name.html` is the notebook `nbs/name.ipynb`, an image `images/...` is under `nbs/`."
+    "Links and diagrams as GitHub shows the README: a page `name.html` is the notebook `nbs/name.ipynb`, an image `images/...` is under `nbs/`."
     def page(m):
         name = m.group(2)
         return f"]({'nbs/' + name + '.ipynb' if (ROOT/'nbs'/f'{name}.ipynb').exists() else name + '.html'}{m.group(3) or ''})"
     markdown = re.sub(r"\]\((?!https?:)(([\w-]+))\.html(#[\w-]+)?\)", page, markdown)
+    markdown = markdown.replace("```{mermaid}", "```mermaid")  # Quarto's diagram block, as GitHub spells it
     return re.sub(r"\]\((images/[^)\s]+)\)", r"](nbs/\1)", markdown)
 
 
