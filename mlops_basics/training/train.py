@@ -160,6 +160,7 @@ def validate_config(cfg: DictConfig, # a composed training config
     "Raise `ConfigError` listing every invalid value in `cfg`."
     from mlops_basics.training.backbones import BackboneError, resolve_backbone
     from mlops_basics.training.negatives import PERTURBATIONS
+    from mlops_basics.training.multinode import multinode_problems
     checks = [
         (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be at least 1"),
@@ -187,6 +188,7 @@ def validate_config(cfg: DictConfig, # a composed training config
     problems = [f"{message}, got {_value_of(cfg, message.split()[0])!r}" for ok, message in checks if not ok]
     try: resolve_backbone(cfg.model.backbone)
     except BackboneError as e: problems.append(f"model.backbone: {e}")
+    problems += multinode_problems(cfg)  # several machines: each needs node 0's address and its own rank
     if problems: raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 def _value_of(cfg, dotted): return OmegaConf.select(cfg, dotted)
