@@ -8,7 +8,7 @@ __all__ = ['main']
 # %% ../../nbs/98b_orchestration_driver.ipynb #51ab4143
 import json
 import sys
-from pathlib import Path
+
 
 # %% ../../nbs/98b_orchestration_driver.ipynb #64437155
 def main(request: dict) -> object:

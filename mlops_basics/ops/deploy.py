@@ -31,7 +31,8 @@ __all__ = ['DEFAULTS', 'CONTAINER_ENGINES', 'CONTAINER_CLI_ENV', 'DeployError', 
            'lifecycle_policy', 'ensure_repository', 'image_in_store', 'container_cli', 'require_image',
            'docker_push_digest', 'registry_login', 'existing_tags', 'push_image', 'wanted_configuration',
            'configuration_differs', 'wait_until_updated', 'ensure_function', 'ensure_log_group', 'publish_version',
-           'read_alias', 'point_alias', 'http_smoke_test', 'ReleaseResult', 'release', 'status', 'main']
+           'read_alias', 'point_alias', 'http_smoke_test', 'ReleaseResult', 'release', 'status', 'deploy_parser',
+           'main']
 
 # %% ../../nbs/07_registry.ipynb #424286ee
 class DeployError(RuntimeError):
@@ -419,8 +420,8 @@ def status(cfg: DeployConfig, aws: dict[str, Any] | None = None) -> dict[str, An
     return {"alias": cfg.alias, "version": alias["FunctionVersion"], "routing": (alias.get("RoutingConfig") or {}).get("AdditionalVersionWeights", {}),
             "versions": [{"version": v["Version"], "description": v.get("Description", ""), "code_sha256": v["CodeSha256"]} for v in versions]}
 
-def main(argv: Sequence[str] | None = None) -> int:
-    "Entry point of `mlops-deploy`."
+def deploy_parser() -> argparse.ArgumentParser:
+    "The command line of `mlops-deploy`: push, release, status, rollback."
     parser = argparse.ArgumentParser(prog="mlops-deploy", description="Push the serving image to ECR and release it on AWS Lambda.")
     parser.add_argument("--region"); parser.add_argument("--repository"); parser.add_argument("--function-name"); parser.add_argument("--alias")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -435,7 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rel.add_argument("--image-uri", required=True); rel.add_argument("--smoke-url"); rel.add_argument("--description", default="")
     sub.add_parser("status", help="show the alias and the versions")
     back = sub.add_parser("rollback", help="point the alias at an earlier version"); back.add_argument("--to", required=True)
-    args = parser.parse_args(argv)
+    return parser
+
+def main(argv: Sequence[str] | None = None) -> int:
+    "Entry point of `mlops-deploy`."
+    args = deploy_parser().parse_args(argv)
     try:
         cfg = DeployConfig.from_env(region=args.region, repository=args.repository, function_name=args.function_name, alias=args.alias)
         if args.command == "push":

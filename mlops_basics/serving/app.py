@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['INDEX_HTML', 'ERROR_RESPONSES', 'model_details', 'load_predictors', 'init_state', 'choose_model', 'Observe',
            'invalid_request', 'body_too_large', 'add_predict_route', 'add_info_routes', 'create_app', 'app_from_env',
-           'main']
+           'serve_parser', 'main']
 
 # %% ../../nbs/05_serving.ipynb #ff945f6c
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and the request
@@ -22,7 +22,6 @@ import tempfile
 import time
 import traceback
 import uuid
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -276,8 +275,8 @@ def app_from_env() -> FastAPI:
     logging.captureWarnings(True)  # a library's warning becomes a JSON line too (see `server_log_config`)
     return create_app(ServeSettings.from_env())
 
-def main(argv: list[str] | None = None) -> int:
-    "Entry point of `mlops-serve`."
+def serve_parser() -> argparse.ArgumentParser:
+    "The command line of `mlops-serve`."
     parser = argparse.ArgumentParser(prog="mlops-serve", description="Serve the CoLA classifier over HTTP.")
     parser.add_argument("--serving-dir", help="serving directory (default: $MLOPS_SERVING_DIR or artifacts/serving)")
     parser.add_argument("--variant", help="fp32 or int8 (default: the directory's default)")
@@ -292,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batching", choices=["auto", "on", "off"], help="merge concurrent requests for a model into one call (auto: fp32 and blockwise int8 models)")
     parser.add_argument("--max-batch-sentences", type=int, help="sentences per merged call at most")
     parser.add_argument("--max-wait-ms", type=float, help="how long a merged call waits for more requests (default 0)")
-    args = parser.parse_args(argv)
+    return parser
+
+def main(argv: list[str] | None = None) -> int:
+    "Entry point of `mlops-serve`."
+    args = serve_parser().parse_args(argv)
     overrides = {"MLOPS_SERVING_DIR": args.serving_dir, "MLOPS_MODEL_VARIANT": args.variant, "MLOPS_THREADS": args.threads,
                  "MLOPS_MAX_BATCH": args.max_batch, "MLOPS_MAX_CHARS": args.max_chars, "MLOPS_LOG_TEXT": "true" if args.log_text else None,
                  "MLOPS_MODELS": ",".join(args.model) if args.model else None, "MLOPS_LIVE_MODEL": args.live, "MLOPS_AB_SPLIT": args.ab_split,

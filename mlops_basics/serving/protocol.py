@@ -143,6 +143,30 @@ def _validation_message(exc: ValidationError) -> str:
     "Pydantic's errors as one line, without the input echoed back."
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors(include_input=False))
 
+def _inputs_with_binary(request: InferenceRequest, binary: bytes) -> dict[str, tuple[Tensor, Optional[bytes]]]:
+    "Each input of `request` with its share of the binary data that followed the JSON (None for inputs given as JSON data)."
+    tensors, offset = {}, 0
+    for tensor in request.inputs:
+        binary_size = (tensor.parameters or {}).get("binary_data_size")
+        if binary_size is not None:
+            if type(binary_size) is not int or binary_size < 0 or offset + binary_size > len(binary):
+                raise InferenceError(400, f"input {tensor.name!r}: binary_data_size {binary_size!r} does not fit the {len(binary)} bytes of binary data")
+            tensors[tensor.name] = (tensor, binary[offset:offset + binary_size]); offset += binary_size
+        else: tensors[tensor.name] = (tensor, None)
+    if offset != len(binary): raise InferenceError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
+    return tensors
+
+def _input_sentences(tensor: Tensor, raw: Optional[bytes]) -> list[str]:
+    "The sentences of the model's one input, from its binary data or its JSON data."
+    if tensor.datatype != "BYTES": raise InferenceError(400, f"input {INPUT!r} must be BYTES, got {tensor.datatype}")
+    if raw is not None:
+        try: return [b.decode("utf-8") for b in decode_bytes_tensor(raw)]
+        except UnicodeDecodeError: raise InferenceError(400, f"input {INPUT!r}: an element is not UTF-8 text") from None
+    if tensor.data is None: raise InferenceError(400, f"input {INPUT!r} has neither data nor binary_data_size")
+    sentences = _flatten(tensor.data)
+    if not all(isinstance(s, str) for s in sentences): raise InferenceError(400, f"input {INPUT!r}: every element must be a string")
+    return sentences
+
 def parse_infer_request(body: bytes, # the whole request body
                         header_length: Optional[str], # the Inference-Header-Content-Length header: the JSON's size when binary data follows it
                         max_batch: int, # most sentences per request
@@ -158,26 +182,10 @@ def parse_infer_request(body: bytes, # the whole request body
     except ValidationError as e:
         if any(err["type"] == "json_invalid" for err in e.errors()): raise InferenceError(400, "the request body is not valid JSON") from None
         raise InferenceError(400, f"invalid inference request: {_validation_message(e)}") from None
-    binary, offset = body[size:], 0
-    tensors = {}
-    for tensor in request.inputs:
-        binary_size = (tensor.parameters or {}).get("binary_data_size")
-        if binary_size is not None:
-            if type(binary_size) is not int or binary_size < 0 or offset + binary_size > len(binary):
-                raise InferenceError(400, f"input {tensor.name!r}: binary_data_size {binary_size!r} does not fit the {len(binary)} bytes of binary data")
-            tensors[tensor.name] = (tensor, binary[offset:offset + binary_size]); offset += binary_size
-        else: tensors[tensor.name] = (tensor, None)
-    if offset != len(binary): raise InferenceError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
+    tensors = _inputs_with_binary(request, body[size:])
     if set(tensors) != {INPUT}: raise InferenceError(400, f"the model takes one input, {INPUT!r} (BYTES, shape [N]); got {sorted(tensors)}")
     tensor, raw = tensors[INPUT]
-    if tensor.datatype != "BYTES": raise InferenceError(400, f"input {INPUT!r} must be BYTES, got {tensor.datatype}")
-    if raw is not None:
-        try: sentences = [b.decode("utf-8") for b in decode_bytes_tensor(raw)]
-        except UnicodeDecodeError: raise InferenceError(400, f"input {INPUT!r}: an element is not UTF-8 text") from None
-    elif tensor.data is None: raise InferenceError(400, f"input {INPUT!r} has neither data nor binary_data_size")
-    else:
-        sentences = _flatten(tensor.data)
-        if not all(isinstance(s, str) for s in sentences): raise InferenceError(400, f"input {INPUT!r}: every element must be a string")
+    sentences = _input_sentences(tensor, raw)
     if any(d < 0 for d in tensor.shape) or math.prod(tensor.shape) != len(sentences):
         raise InferenceError(400, f"input {INPUT!r}: shape {tensor.shape} does not match its {len(sentences)} elements")
     if not 1 <= len(sentences) <= max_batch: raise InferenceError(400, f"input {INPUT!r}: 1 to {max_batch} sentences per request, got {len(sentences)}")

@@ -26,8 +26,8 @@ from .backbones import quiet_transformers
 # %% auto #0
 __all__ = ['OPSET', 'MODEL_INPUTS', 'INT8_METHODS', 'SERVING_FILES', 'TOKENIZER_FILE', 'load_for_export', 'LogitsOnly',
            'export_onnx', 'make_session', 'onnx_logits', 'optimize_onnx', 'quantize_int8', 'encode_numpy',
-           'validation_logits', 'torch_predict_batch', 'compare_variants', 'choose_default_variant', 'export_serving',
-           'main']
+           'validation_logits', 'torch_predict_batch', 'compare_variants', 'choose_default_variant', 'serving_metadata',
+           'export_serving', 'main']
 
 # %% ../../nbs/04a_export.ipynb #efe587a0
 def load_for_export(model_dir: str | Path, # an artifacts directory written by training
@@ -183,6 +183,18 @@ def choose_default_variant(comparison: dict[str, dict[str, Any]], # from `compar
 SERVING_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}  # variant -> file in the serving directory
 TOKENIZER_FILE = "tokenizer.json"
 
+def serving_metadata(model, trained: dict, fp32, comparison: dict, variants: dict, splits, model_dir, max_length: int, opset: int,
+                     fused, max_mcc_drop: float) -> dict[str, Any]:
+    "The serving directory's metadata.json: what it serves, how it was checked, and where it came from."
+    return {"format": ARTIFACTS_FORMAT, "kind": "serving", "labels": trained["labels"], "max_length": max_length,
+            "vocab_size": int(model.config.vocab_size), "inputs": [i.name for i in fp32.get_inputs()],
+            "opset": opset, "fused_operators": fused, "variants": variants,
+            "default_variant": choose_default_variant(comparison, max_mcc_drop),
+            "pytorch_metrics": comparison["pytorch"]["metrics"], "validation_sentences": len(splits.validation),
+            "source": {"model_dir": str(model_dir), "backbone": trained.get("backbone"), "data_sha256": trained.get("data_sha256"),
+                       "git": trained.get("git"), "created_at": trained.get("created_at"), "training_metrics": trained.get("metrics")},
+            "data_sha256": splits.data_sha256, "git": git_state(), "versions": package_versions()}
+
 def export_serving(model_dir: str | Path, # the training artifacts directory
                    serving_dir: str | Path, # the serving directory to (re)write
                    cola_source: str | Path | None = None, # CoLA for the parity check; None: $MLOPS_COLA_PATH or download
@@ -214,14 +226,7 @@ def export_serving(model_dir: str | Path, # the training artifacts directory
         variants = {v: {"file": f, "sha256": sha256_file(staging/f), "bytes": (staging/f).stat().st_size, **comparison[v]}
                     for v, f in SERVING_FILES.items()}
         variants["int8"] |= {"method": method, **tried[method], "methods_tried": tried}
-        metadata = {"format": ARTIFACTS_FORMAT, "kind": "serving", "labels": trained["labels"], "max_length": max_length,
-                    "vocab_size": int(model.config.vocab_size), "inputs": [i.name for i in fp32.get_inputs()],
-                    "opset": opset, "fused_operators": fused, "variants": variants,
-                    "default_variant": choose_default_variant(comparison, max_mcc_drop),
-                    "pytorch_metrics": comparison["pytorch"]["metrics"], "validation_sentences": len(sentences),
-                    "source": {"model_dir": str(model_dir), "backbone": trained.get("backbone"), "data_sha256": trained.get("data_sha256"),
-                               "git": trained.get("git"), "created_at": trained.get("created_at"), "training_metrics": trained.get("metrics")},
-                    "data_sha256": splits.data_sha256, "git": git_state(), "versions": package_versions()}
+        metadata = serving_metadata(model, trained, fp32, comparison, variants, splits, model_dir, max_length, opset, fused, max_mcc_drop)
         write_json(metadata, staging/METADATA_FILE)
     return metadata
 

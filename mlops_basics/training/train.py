@@ -278,28 +278,51 @@ def _validate_best(trainer, classifier, datamodule) -> tuple[str | None, list[di
     report = validation_report(probabilities, datamodule.splits.validation, datamodule.splits.domains)
     return best or None, find_callback(trainer, MetricsHistory).history, report
 
-def train(cfg: DictConfig, # a composed training config (see `compose_config`)
-         ) -> TrainResult | None:
-    "Train, evaluate and save a CoLA classifier as `cfg` says; `None` on non-zero ranks of a distributed run."
-    validate_config(cfg)
-    import pytorch_lightning as pl
-    import torch
-    from mlops_basics.training.model import ColaClassifier, save_classifier, training_callbacks
+def _model_and_data(cfg: DictConfig):
+    "The backbone's tokenizer, the data module (with a teacher's soft targets when distilling) and the LightningModule."
     from mlops_basics.training.backbones import load_backbone
-    from mlops_basics.training.tracking import finish_logger, log_model_artifact, log_report, make_logger, write_report
-
-    resolve_paths(cfg)
-    if cfg.trainer.num_threads: torch.set_num_threads(cfg.trainer.num_threads)
-    pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
+    from mlops_basics.training.model import ColaClassifier
     model, tokenizer = load_backbone(cfg.model.backbone, seed=cfg.training.seed, dropout=cfg.model.dropout)
     t = cfg.training
     soft_targets = None
     if t.distill_from:  # the teacher scores the training sentences once, in the data module's setup
         from mlops_basics.training.distill import open_teacher, teacher_probabilities
         soft_targets = partial(teacher_probabilities, open_teacher(t.distill_from), temperature=t.distill_temperature)
-    datamodule = _datamodule(cfg, tokenizer, soft_targets)
     classifier = ColaClassifier(model, t.learning_rate, t.weight_decay, t.warmup_ratio, t.layer_decay, t.reinit_layers,
                                 t.distill_weight, t.distill_temperature)
+    return tokenizer, _datamodule(cfg, tokenizer, soft_targets), classifier
+
+def _save_run(cfg: DictConfig, trainer, classifier, tokenizer, datamodule, logger, resolved: dict, resumed: str | None) -> TrainResult:
+    "Validate the best checkpoint, write the artifacts directory and the report, log them, and drop the checkpoints."
+    from mlops_basics.training.model import save_classifier
+    from mlops_basics.training.tracking import finish_logger, log_model_artifact, log_report, write_report
+    best, history, report = _validate_best(trainer, classifier, datamodule)
+    model_dir = save_classifier(classifier, tokenizer, cfg.paths.model_dir, max_length=cfg.data.max_length, backbone=cfg.model.backbone,
+                                metrics=report.metrics, history=history, config=resolved, data_sha256=datamodule.splits.data_sha256,
+                                best_checkpoint=Path(best).name if best else None, resumed_from=resumed,
+                                confusion_matrix=report.confusion_matrix)
+    write_report(report, Path(cfg.paths.log_dir)/"report")
+    log_report(logger, report)
+    if cfg.logger.log_model: log_model_artifact(logger, model_dir, {"metrics": report.metrics, "data_sha256": datamodule.splits.data_sha256})
+    finish_logger(logger)
+    shutil.rmtree(cfg.paths.checkpoint_dir, ignore_errors=True)  # the run is complete: the artifacts directory holds the model
+    m = report.metrics
+    print(f"validation MCC {m['mcc']:.4f} (accuracy {m['accuracy']:.4f}, F1 {m['f1']:.4f}) -> {model_dir}")
+    return TrainResult(m, Path(model_dir), history, resumed)
+
+def train(cfg: DictConfig, # a composed training config (see `compose_config`)
+         ) -> TrainResult | None:
+    "Train, evaluate and save a CoLA classifier as `cfg` says; `None` on non-zero ranks of a distributed run."
+    validate_config(cfg)
+    import pytorch_lightning as pl
+    import torch
+    from mlops_basics.training.model import training_callbacks
+    from mlops_basics.training.tracking import make_logger
+
+    resolve_paths(cfg)
+    if cfg.trainer.num_threads: torch.set_num_threads(cfg.trainer.num_threads)
+    pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
+    tokenizer, datamodule, classifier = _model_and_data(cfg)
     lg = cfg.logger
     logger = make_logger(lg.kind.value, cfg.paths.log_dir, lg.project, lg.run_name, lg.mode.value, lg.entity, lg.tags)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -312,20 +335,7 @@ def train(cfg: DictConfig, # a composed training config (see `compose_config`)
     if resume_from: print(f"Resuming the interrupted run from {resume_from}")
     trainer.fit(classifier, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     if not trainer.is_global_zero: return None
-
-    best, history, report = _validate_best(trainer, classifier, datamodule)
-    model_dir = save_classifier(classifier, tokenizer, cfg.paths.model_dir, max_length=cfg.data.max_length, backbone=cfg.model.backbone,
-                                metrics=report.metrics, history=history, config=resolved, data_sha256=datamodule.splits.data_sha256,
-                                best_checkpoint=Path(best).name if best else None, resumed_from=str(resume_from) if resume_from else None,
-                                confusion_matrix=report.confusion_matrix)
-    write_report(report, Path(cfg.paths.log_dir)/"report")
-    log_report(logger, report)
-    if lg.log_model: log_model_artifact(logger, model_dir, {"metrics": report.metrics, "data_sha256": datamodule.splits.data_sha256})
-    finish_logger(logger)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete: the artifacts directory holds the model
-    m = report.metrics
-    print(f"validation MCC {m['mcc']:.4f} (accuracy {m['accuracy']:.4f}, F1 {m['f1']:.4f}) -> {model_dir}")
-    return TrainResult(m, Path(model_dir), history, str(resume_from) if resume_from else None)
+    return _save_run(cfg, trainer, classifier, tokenizer, datamodule, logger, resolved, str(resume_from) if resume_from else None)
 
 # %% ../../nbs/02_config.ipynb #b5e6856f
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
