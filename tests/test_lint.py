@@ -64,7 +64,7 @@ def test_deployer_policy_allows_every_call_mlops_deploy_makes(template):
     statements = template["Resources"]["DeployerPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     allowed = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     service = {"ecr": "ecr", "lam": "lambda", "logs": "logs", 'aws["ecr"]': "ecr", 'aws["lambda"]': "lambda", 'aws["logs"]': "logs"}
-    source = (ROOT/"mlops_basics"/"deploy.py").read_text()
+    source = (ROOT/"mlops_basics"/"ops"/"deploy.py").read_text()
     calls = {f"{service[client]}:{''.join(w.capitalize() for w in (paginated or method).split('_'))}"
              for client, paginated, method in re.findall(r'(\becr|\blam|\blogs|aws\["\w+"\])\.(?:get_paginator\("(\w+)"\)|(\w+)\()', source)}
     assert {"ecr:DescribeImages", "lambda:ListVersionsByFunction", "lambda:DeleteAlias", "logs:PutRetentionPolicy"} <= calls  # the scan works
@@ -78,7 +78,7 @@ def test_entrypoint_and_log_subscription_match_the_app(template):
     assert "lambda)" in (ROOT/"docker"/"entrypoint.sh").read_text()
     pattern = template["Resources"]["PredictionLogSubscription"]["Properties"]["FilterPattern"]
     assert pattern == '{ $.event = "predict" }'
-    assert '"predict" if request.state.log' in (ROOT/"mlops_basics"/"app.py").read_text()
+    assert '"predict" if request.state.log' in (ROOT/"mlops_basics"/"serving"/"app.py").read_text()
 
 
 def test_deploy_workflow_refuses_an_unset_smoke_url():
