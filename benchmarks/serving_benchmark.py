@@ -23,7 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
-from mlops_basics.devtools.containers import BASE_IMAGE, build_image, container_memory_peak_bytes, container_peak_rss_bytes, ensure_base_image, image_exists, make_build_context, podman, publish_args, remove_container, remove_image, run_http_container, run_lambda_container
+from mlops_basics.devtools.containers import BASE_IMAGE, build_image, container_memory_peak_bytes, container_peak_rss_bytes, ensure_base_image, image_exists, make_build_context, podman, publish_args, remove_container, remove_image, run_http_container
+from mlops_basics.devtools.lambda_runtime import run_lambda_container
 from mlops_basics.devtools.test_utils import free_port, http
 
 ROOT = Path(__file__).resolve().parents[1]

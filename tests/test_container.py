@@ -15,7 +15,8 @@ import pytest
 
 from conftest import ROOT
 from mlops_basics.devtools.test_utils import BIN, free_port, http, json_lines, wait_for_http
-from mlops_basics.devtools.containers import BASE_IMAGE, CA_BUNDLE, CONTEXT_FILES, make_build_context, podman, podman_env, remove_container, run_http_container, run_lambda_container
+from mlops_basics.devtools.containers import BASE_IMAGE, CA_BUNDLE, CONTEXT_FILES, make_build_context, podman, podman_env, remove_container, run_http_container
+from mlops_basics.devtools.lambda_runtime import run_lambda_container
 
 EVENTS = Path(__file__).parent/"events"
 HEAVY = {"torch", "transformers", "lightning", "pytorch-lightning", "torchmetrics"}

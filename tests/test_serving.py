@@ -273,7 +273,7 @@ def test_every_line_the_server_prints_is_json(serving_dir, tmp_path, workers):
 
 def test_every_line_the_lambda_runtime_client_prints_is_json(serving_dir, tmp_path):
     "The handler under the real runtime client (awslambdaric, JSON log format as the image sets it), answering and failing: JSON lines only."
-    from mlops_basics.devtools.containers import LambdaRuntimeAPI
+    from mlops_basics.devtools.lambda_runtime import LambdaRuntimeAPI
     def invoke(serving: Path, log: Path):
         with LambdaRuntimeAPI() as api, open(log, "wb") as out:
             env = {**os.environ, "AWS_LAMBDA_RUNTIME_API": api.address, "AWS_LAMBDA_LOG_FORMAT": "JSON", "MLOPS_SERVING_DIR": str(serving),

@@ -5,35 +5,27 @@
 # %% ../../nbs/98_test_containers.ipynb #844ef4e9
 from __future__ import annotations
 
-# Over 300 lines for one concern, the serving image under test: about half is the Lambda Runtime API, which only the
-# container tests use and which reads best next to the podman helpers it runs with.
 import contextlib
 import json
 import os
-import queue
-import re
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import mlops_basics
 from .test_utils import free_port, wait_for_http
 
+
 # %% auto #0
 __all__ = ['CACHE_DIR', 'CONTAINERS_CONF_TEXT', 'BASE_IMAGE', 'BASE_ROOTFS', 'BASE_PACKAGES', 'DEBIAN_MIRROR', 'CA_BUNDLE',
-           'CONTEXT_FILES', 'IMAGE_USER', 'RUNTIME_PREFIX', 'PodmanError', 'containers_conf', 'podman_env', 'podman',
-           'image_exists', 'build_base_rootfs', 'ensure_base_image', 'project_root', 'make_build_context',
-           'build_image', 'remove_image', 'remove_container', 'container_state', 'container_stopped', 'publish_args',
-           'run_http_container', 'container_memory_peak_bytes', 'container_peak_rss_bytes', 'Invocation',
-           'LambdaRuntimeAPI', 'lambda_run_args', 'run_lambda_container']
+           'CONTEXT_FILES', 'IMAGE_USER', 'PodmanError', 'containers_conf', 'podman_env', 'podman', 'image_exists',
+           'build_base_rootfs', 'ensure_base_image', 'project_root', 'make_build_context', 'build_image',
+           'remove_image', 'remove_container', 'container_state', 'container_stopped', 'publish_args',
+           'run_http_container', 'container_memory_peak_bytes', 'container_peak_rss_bytes']
 
 # %% ../../nbs/98_test_containers.ipynb #8b62ac39
 CACHE_DIR = Path(os.environ.get("MLOPS_CACHE_DIR") or Path.home()/".cache"/"mlops-basics")
@@ -258,164 +250,3 @@ def container_peak_rss_bytes(name: str) -> int | None:
              "for l in (p/'status').read_text().splitlines() if l.startswith('VmHWM:')))")
     proc = podman("exec", name, "python3", "-c", probe, check=False)
     return int(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip().isdigit() else None
-
-# %% ../../nbs/98_test_containers.ipynb #fef8d0dd
-RUNTIME_PREFIX = "/2018-06-01/runtime"
-
-@dataclass
-class Invocation:
-    "One event handed to the runtime client, and what it posted back."
-    request_id: str
-    event: Any
-    kind: str | None = None  # "response" or "error"
-    payload: Any = None  # the response or error JSON
-    error_type: str | None = None  # the Lambda-Runtime-Function-Error-Type header of an error
-    delivered: float | None = None  # time.perf_counter() when the runtime client received the event
-    answered: float | None = None  # ... and when its answer arrived
-    done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def seconds(self) -> float: return self.answered - self.delivered
-
-# %% ../../nbs/98_test_containers.ipynb #9e2db162
-class _RuntimeHandler(BaseHTTPRequestHandler):
-    "One connection of the runtime client to `LambdaRuntimeAPI` (the server's `api`)."
-    @property
-    def api(self) -> "LambdaRuntimeAPI": return self.server.api
-
-    protocol_version = "HTTP/1.1"  # keep-alive, and `Expect: 100-continue` is answered at once
-
-    def log_message(self, *args): pass
-
-    def setup(self):
-        super().setup()
-        # Headers and body go out in separate writes: without this, Nagle's algorithm and the client's delayed
-        # ACK would add ~40 ms to every answer.
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            data = b""
-            while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)):
-                data += self.rfile.read(size); self.rfile.readline()
-            self.rfile.readline()
-            return data
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _reply(self, status: int, body: bytes = b"", headers: dict | None = None):
-        try:
-            self.send_response(status)
-            for k, v in {"Content-Type": "application/json", **(headers or {})}.items(): self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body))); self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError): self.close_connection = True  # the client has gone (container stopped)
-
-    def do_GET(self):
-        if self.path != f"{RUNTIME_PREFIX}/invocation/next": return self._reply(404, b'{"errorType":"NotFound"}')
-        if self.api.first_poll is None: self.api.first_poll = time.perf_counter()
-        while not self.api.closed.is_set():
-            try: invocation = self.api.pending.get(timeout=0.2)
-            except queue.Empty: continue
-            invocation.delivered = time.perf_counter()
-            return self._reply(200, json.dumps(invocation.event).encode(), {
-                "Lambda-Runtime-Aws-Request-Id": invocation.request_id,
-                "Lambda-Runtime-Deadline-Ms": str(int((time.time() + self.api.deadline_s) * 1000)),
-                "Lambda-Runtime-Invoked-Function-Arn": self.api.function_arn,
-                "Lambda-Runtime-Trace-Id": f"Root=1-{int(time.time()):08x}-{invocation.request_id[:24]};Sampled=0"})
-        self._reply(500, b'{"errorType":"ShuttingDown"}')
-
-    def do_POST(self):
-        body = self._body()
-        try: payload = json.loads(body) if body else None
-        except ValueError: payload = body.decode(errors="replace")
-        error_type = self.headers.get("Lambda-Runtime-Function-Error-Type")
-        if self.path == f"{RUNTIME_PREFIX}/init/error":
-            self.api.init_errors.append((error_type, payload))
-            return self._reply(202, b'{"status":"OK"}')
-        match = re.fullmatch(rf"{RUNTIME_PREFIX}/invocation/([^/]+)/(response|error)", self.path)
-        invocation = self.api.invocations.get(match[1]) if match else None
-        if invocation is None: return self._reply(404, b'{"errorType":"InvalidRequestID"}')
-        invocation.kind, invocation.payload, invocation.error_type = match[2], payload, error_type
-        invocation.answered = time.perf_counter()
-        invocation.done.set()
-        self._reply(202, b'{"status":"OK"}')
-
-# %% ../../nbs/98_test_containers.ipynb #93170cd2
-class LambdaRuntimeAPI:
-    """A minimal Lambda Runtime API on 127.0.0.1 (a free port): the runtime client in the container polls it for events.
-    GET /2018-06-01/runtime/invocation/next, POST .../invocation/{id}/response and .../invocation/{id}/error, POST .../init/error.
-    Use as a context manager; `invoke(event)` queues an event and waits for its answer."""
-    function_arn = "arn:aws:lambda:eu-west-1:123456789012:function:mlops-basics"
-
-    def __init__(self, deadline_s: float = 120):
-        self.deadline_s = deadline_s
-        self.pending: queue.Queue[Invocation] = queue.Queue()
-        self.invocations: dict[str, Invocation] = {}
-        self.init_errors: list[tuple[str | None, Any]] = []
-        self.first_poll: float | None = None  # when the runtime client first asked for an event (its init is done)
-        self.closed = threading.Event()
-        self.server: ThreadingHTTPServer | None = None
-
-    @property
-    def address(self) -> str:
-        "host:port, the value of AWS_LAMBDA_RUNTIME_API."
-        host, port = self.server.server_address[:2]
-        return f"{host}:{port}"
-
-    def __enter__(self) -> "LambdaRuntimeAPI":
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), _RuntimeHandler)
-        self.server.api = self
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.closed.set()
-        self.server.shutdown(); self.server.server_close()
-
-    def submit(self, event: Any) -> Invocation:
-        "Queue `event` for the runtime client."
-        invocation = Invocation(uuid.uuid4().hex, event)
-        self.invocations[invocation.request_id] = invocation
-        self.pending.put(invocation)
-        return invocation
-
-    def invoke(self, event: Any, # the event JSON
-               timeout: float = 180, # seconds to wait for the answer
-               container: str | None = None, # the function's container: fail early, with its logs, if it exits
-              ) -> Invocation:
-        "Queue `event` and wait until the runtime client posts its response or error."
-        invocation, deadline = self.submit(event), time.perf_counter() + timeout
-        while not invocation.done.wait(0.2):
-            if container and not container_state(container).get("Running"):
-                logs = podman("logs", container, check=False)
-                raise PodmanError(f"the function's container exited; init errors {self.init_errors}; logs:\n{logs.stdout[-2000:]}{logs.stderr[-2000:]}")
-            if time.perf_counter() > deadline: raise TimeoutError(f"no answer to event {invocation.request_id} in {timeout} s")
-        return invocation
-
-# %% ../../nbs/98_test_containers.ipynb #d1fae006
-def lambda_run_args(api: LambdaRuntimeAPI, # the Runtime API the container polls
-                    name: str, # the container's name
-                    read_only: bool = True, # read-only root file system with only /tmp writable, as on AWS Lambda
-                   ) -> list[str]:
-    "`podman run` arguments for the image as a Lambda function (the host network: the Runtime API listens on 127.0.0.1)."
-    args = ["--detach", "--name", name, "--network", "host", "--env", f"AWS_LAMBDA_RUNTIME_API={api.address}",
-            "--env", "AWS_LAMBDA_FUNCTION_NAME=mlops-basics", "--env", "AWS_LAMBDA_FUNCTION_VERSION=$LATEST",
-            "--env", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE=2048", "--env", "AWS_REGION=eu-west-1"]
-    if read_only: args += ["--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=64m,mode=1777"]
-    return args
-
-@contextlib.contextmanager
-def run_lambda_container(image: str, # the serving image
-                         *extra: str, # more `podman run` arguments (before the image), e.g. --user 993:990
-                         command: tuple[str, ...] = ("lambda",), # the container command; () runs the image's default
-                        ) -> Iterator[tuple[LambdaRuntimeAPI, str, float]]:
-    "Run the image as a Lambda function against a fresh Runtime API: yields (the API, container name, perf_counter at `podman run`); removed after."
-    name = f"mlops-test-{uuid.uuid4().hex[:10]}"
-    with LambdaRuntimeAPI() as api:
-        started = time.perf_counter()
-        try:
-            podman("run", *lambda_run_args(api, name), *extra, image, *command)
-            yield api, name, started
-        finally:
-            remove_container(name)
