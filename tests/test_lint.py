@@ -39,7 +39,7 @@ def template() -> dict:
 
 
 def test_template_and_deploy_module_agree(template):
-    from mlops_basics.ops.deploy import DEFAULTS, DeployConfig
+    from mlops_basics.ops.registry import DEFAULTS, DeployConfig
     params = template["Parameters"]
     for key, param in {"repository": "RepositoryName", "function_name": "FunctionName", "alias": "AliasName", "memory_mb": "MemorySize",
                        "timeout_s": "Timeout", "log_retention_days": "LogRetentionDays"}.items():
@@ -60,11 +60,11 @@ def test_template_and_deploy_module_agree(template):
 
 
 def test_deployer_policy_allows_every_call_mlops_deploy_makes(template):
-    "Every boto3 call in mlops_basics/ops/deploy.py, and the registry calls of a push, are allowed by DeployerPolicy."
+    "Every boto3 call in mlops_basics/ops/registry.py and ops/deploy.py, and the registry calls of a push, are allowed by DeployerPolicy."
     statements = template["Resources"]["DeployerPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     allowed = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     service = {"ecr": "ecr", "lam": "lambda", "logs": "logs", 'aws["ecr"]': "ecr", 'aws["lambda"]': "lambda", 'aws["logs"]': "logs"}
-    source = (ROOT/"mlops_basics"/"ops"/"deploy.py").read_text()
+    source = "".join((ROOT/"mlops_basics"/"ops"/f"{m}.py").read_text() for m in ("registry", "deploy"))
     calls = {f"{service[client]}:{''.join(w.capitalize() for w in (paginated or method).split('_'))}"
              for client, paginated, method in re.findall(r'(\becr|\blam|\blogs|aws\["\w+"\])\.(?:get_paginator\("(\w+)"\)|(\w+)\()', source)}
     assert {"ecr:DescribeImages", "lambda:ListVersionsByFunction", "lambda:DeleteAlias", "logs:PutRetentionPolicy"} <= calls  # the scan works
@@ -98,7 +98,7 @@ def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     "What can be checked of infra/kserve/inferenceservice.yaml without a cluster: its fields, and that they agree with the Dockerfile and the app."
     import yaml
     from mlops_basics.serving.settings import ServeSettings
-    from mlops_basics.ops.deploy import DEFAULTS
+    from mlops_basics.ops.registry import DEFAULTS
     from mlops_basics.serving.protocol import protocol_router
     service = yaml.safe_load((ROOT/"infra"/"kserve"/"inferenceservice.yaml").read_text())
     assert (service["apiVersion"], service["kind"], service["metadata"]["name"]) == ("serving.kserve.io/v1beta1", "InferenceService", "mlops-basics")

@@ -161,7 +161,7 @@ def container_build(repo: Path, # the checkout, with artifacts/serving
                     tag: str, # the image to build
                    ) -> None:
     "Build the serving image from the checkout's Dockerfile with podman (or docker), the engine `mlops-deploy push` then finds it in."
-    from mlops_basics.ops.deploy import container_cli
+    from mlops_basics.ops.registry import container_cli
     cli = container_cli()
     run_tool([cli, "build", *(["--format", "docker"] if cli == "podman" else []), "--tag", tag, "--build-arg", "SERVING_DIR=artifacts/serving", "."],
              cwd=repo)
@@ -192,7 +192,7 @@ def cloudwatch_canary_metrics(canary: str, # the new version
                              ) -> tuple[VariantMetrics, VariantMetrics]:
     "Invocations, errors and p95 duration of both versions behind the alias, from CloudWatch (the function and alias of `DeployConfig.from_env`)."
     import boto3
-    from mlops_basics.ops.deploy import DeployConfig
+    from mlops_basics.ops.registry import DeployConfig
     cfg = DeployConfig.from_env()
     cloudwatch = boto3.client("cloudwatch", region_name=cfg.region, endpoint_url=cfg.endpoint_url)
     end = dt.datetime.now(dt.timezone.utc); start = end - dt.timedelta(seconds=CANARY_WINDOW_S)
@@ -209,7 +209,7 @@ def cloudwatch_canary_metrics(canary: str, # the new version
 @task(name="canary release", cache_policy=NO_CACHE)
 def canary_release(image_uri: str, description: str, metrics: Callable | str, policy: CanaryPolicy, pause_s: float) -> dict[str, Any]:
     "Publish the image as a new version of the function and run the canary; `ReleaseRolledBack` if it was rolled back."
-    from mlops_basics.ops.deploy import DeployConfig, clients
+    from mlops_basics.ops.registry import DeployConfig, clients
     cfg = DeployConfig.from_env()
     release = LambdaRelease(clients(cfg)["lambda"], cfg.function_name, cfg.alias)
     live = release.state().stable
