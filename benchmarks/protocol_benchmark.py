@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     if set(chosen) - set(SERVERS): parser.error(f"--servers: unknown {sorted(set(chosen) - set(SERVERS))}; choose among {', '.join(SERVERS)}")
     subprocess.run(["make", "-s", "install", "mlserver"], cwd=ROOT, check=True)
     from mlops_basics.serving.predictor import ONNXPredictor
-    from mlops_basics.serving.protocol import mlserver_repository
+    from mlops_basics.serving.mlserver import mlserver_repository
     predictor = ONNXPredictor(args.serving_dir)
     SCRATCH.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=SCRATCH))

@@ -198,7 +198,7 @@ def mlserver_bin() -> Path:
 @pytest.fixture(scope="module")
 def mlserver_url(mlserver_bin, serving_dir, tmp_path_factory):
     "MLServer serving the tiny model (fp32, as the app's `blue`) as `cola` with `CoLARuntime` and adaptive batching on; yields its HTTP base URL."
-    from mlops_basics.serving.protocol import mlserver_repository
+    from mlops_basics.serving.mlserver import mlserver_repository
     work = tmp_path_factory.mktemp("mlserver")
     http_port = free_port()
     repository = mlserver_repository(work/"repository", serving_dir, variant="fp32", threads=1, max_batch_size=8, max_batch_time=0.05,

@@ -7,19 +7,12 @@ __all__ = ['INPUT', 'LABEL', 'PROBABILITIES', 'PLATFORM', 'ERRORS', 'TensorMetad
            'RequestInput', 'RequestOutput', 'InferenceRequest', 'ResponseOutput', 'InferenceResponse', 'ProtocolError',
            'model_metadata', 'InferenceError', 'error_response', 'decode_bytes_tensor', 'encode_bytes_tensor',
            'parse_infer_request', 'infer_response', 'ProtocolRoute', 'model_metadata_route', 'model_ready_route',
-           'infer_route', 'add_server_routes', 'add_model_routes', 'protocol_router', 'mlserver_runtime',
-           'mlserver_repository']
+           'infer_route', 'add_server_routes', 'add_model_routes', 'protocol_router']
 
 # %% ../../nbs/12_inference_protocol.ipynb #cb7c412d
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
-# Over 300 lines for one concern, the Open Inference Protocol: its messages, their parsing, the routes, and the same tensors
-# behind MLServer, which the page sets side by side so that a reader sees both ends of the protocol; split, each half would
-# need the other's tensor names and messages.
-import asyncio
-import functools
 import json
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -32,6 +25,7 @@ from .batching import predict_for_request
 from .settings import too_large
 from ..core.predictions import Prediction
 from .predictor import ONNXPredictor
+
 
 # %% ../../nbs/12_inference_protocol.ipynb #7909bcc4
 class TensorMetadata(BaseModel):
@@ -311,65 +305,3 @@ def protocol_router() -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"], route_class=ProtocolRoute)
     add_server_routes(router); add_model_routes(router)
     return router
-
-# %% ../../nbs/12_inference_protocol.ipynb #0c680a0b
-@functools.cache
-def mlserver_runtime() -> type:
-    "The MLServer runtime class for serving directories, built on first use: only MLServer's own environment (`make mlserver`) can import it."
-    from mlserver import MLModel
-    from mlserver.codecs import StringCodec
-    from mlserver.errors import MLServerError
-    from mlserver.types import InferenceRequest as MLServerRequest, InferenceResponse as MLServerResponse, ResponseOutput as MLServerOutput
-    from mlserver.utils import get_model_uri
-
-    class CoLARuntime(MLModel):
-        "A serving directory as an MLServer model: input `text` (BYTES [N]); outputs `label` (BYTES [N]) and `probabilities` (FP32 [N, labels])."
-        async def load(self) -> bool:
-            extra = self.settings.parameters.extra or {}  # model-settings.json: parameters.extra.variant and .threads
-            self.predictor = ONNXPredictor(await get_model_uri(self.settings), extra.get("variant"), int(extra.get("threads") or 0))
-            self.predictor.predict(["Warm up."])
-            return True
-
-        async def predict(self, payload: MLServerRequest) -> MLServerResponse:
-            inputs = {i.name: i for i in payload.inputs}
-            if set(inputs) != {INPUT} or inputs[INPUT].datatype != "BYTES": raise MLServerError(f"the model takes one input, {INPUT!r} (BYTES, shape [N])", 400)
-            predictions = await asyncio.to_thread(self.predictor.predict, StringCodec.decode_input(inputs[INPUT]))  # off the event loop, as the app does
-            labels = self.predictor.labels
-            probabilities = np.array([[p.probabilities[label] for label in labels] for p in predictions], dtype=np.float32)
-            return MLServerResponse(model_name=self.name, model_version=self.predictor.version, id=payload.id, outputs=[
-                MLServerOutput(name=LABEL, shape=[len(predictions)], datatype="BYTES", data=[p.label for p in predictions]),
-                MLServerOutput(name=PROBABILITIES, shape=[len(predictions), len(labels)], datatype="FP32", data=probabilities.ravel().tolist())])
-
-    CoLARuntime.__module__ = __name__
-    return CoLARuntime
-
-def __getattr__(name: str):
-    "`mlops_basics.serving.protocol.CoLARuntime`, the name MLServer's settings give, builds the runtime class; importing the module never needs MLServer."
-    if name == "CoLARuntime": return mlserver_runtime()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-# %% ../../nbs/12_inference_protocol.ipynb #6609a81a
-def mlserver_repository(directory: str | Path, # where to write the repository (created)
-                        serving_dir: str | Path, # a serving directory written by `mlops-export`
-                        name: str = "cola", # the model's name in MLServer
-                        variant: Optional[str] = None, # fp32 or int8; None: the directory's default
-                        threads: int = 0, # ONNX Runtime threads; 0: its default
-                        max_batch_size: int = 0, # adaptive batching: most requests in one batch; 0 or 1: off
-                        max_batch_time: float = 0.0, # adaptive batching: seconds a request may wait for others
-                        http_port: int = 8080, # the protocol over HTTP
-                        grpc_port: int = 8081, # the protocol over gRPC
-                        metrics_port: int = 8082, # Prometheus metrics
-                        host: str = "127.0.0.1", # the address they listen on
-                        parallel_workers: int = 0, # inference processes; 0: in the server's own process, as `mlops-serve` does
-                       ) -> Path:
-    "An MLServer model repository serving `serving_dir` with `CoLARuntime`: `settings.json` and `<name>/model-settings.json`."
-    if max_batch_size < 0 or max_batch_time < 0: raise ValueError(f"max_batch_size and max_batch_time must be 0 or more, got {max_batch_size}, {max_batch_time}")
-    directory = Path(directory)
-    (directory/name).mkdir(parents=True, exist_ok=True)
-    server = {"host": host, "http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port, "parallel_workers": parallel_workers,
-              "debug": False, "load_models_at_startup": True, "metrics_dir": str(directory/".metrics")}
-    model = {"name": name, "implementation": "mlops_basics.serving.protocol.CoLARuntime", "max_batch_size": max_batch_size, "max_batch_time": max_batch_time,
-             "parameters": {"uri": str(Path(serving_dir).resolve()), "extra": {"variant": variant, "threads": threads}}}
-    (directory/"settings.json").write_text(json.dumps(server, indent=2))
-    (directory/name/"model-settings.json").write_text(json.dumps(model, indent=2))
-    return directory
