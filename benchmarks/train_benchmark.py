@@ -77,7 +77,8 @@ def main(overrides: list[str]) -> dict:
 def record(model_dir: Path) -> dict:
     "The result for a finished default run in `model_dir`, from its metadata."
     from mlops_basics.core.artifacts import package_versions, read_metadata
-    from mlops_basics.training.train import compose_config, config_fingerprint
+    from mlops_basics.training.train import config_fingerprint
+    from mlops_basics.training.config import compose_config
     from omegaconf import OmegaConf
     metadata = read_metadata(model_dir)
     if config_fingerprint(OmegaConf.create(metadata["config"])) != config_fingerprint(compose_config()):  # the same test resuming uses

@@ -18,7 +18,7 @@ def encoder(tmp_path_factory):
     from mlops_basics.training.export import export_serving
     from mlops_basics.training.model import ColaClassifier, save_classifier
     from mlops_basics.training.backbones import load_backbone
-    from mlops_basics.training.train import ModelConfig
+    from mlops_basics.training.config import ModelConfig
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("encoder")
     model, tokenizer = load_backbone(ModelConfig.backbone, seed=0)

@@ -11,7 +11,7 @@ import pytest
 
 from mlops_basics.devtools.test_utils import BIN, run_cli, TINY_TRAIN
 from mlops_basics.core.artifacts import read_metadata
-from mlops_basics.training.train import compose_config
+from mlops_basics.training.config import compose_config
 
 
 def test_train_writes_the_artifacts_contract(tiny_model_dir):
@@ -59,7 +59,7 @@ def test_mpnet_named_config(tmp_path):
     "`--config-name mpnet` is the default config with the larger backbone and its schedule, and passes validation."
     import yaml
     from hydra import compose, initialize_config_dir
-    from mlops_basics.training.train import CONFIG_DIR, validate_config
+    from mlops_basics.training.config import CONFIG_DIR, validate_config
     proc = run_cli("mlops-train", "--config-name", "mpnet", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job, default = yaml.safe_load(proc.stdout), compose_config()
@@ -73,7 +73,7 @@ def test_minilm_named_config(tmp_path):
     "`--config-name minilm` is the earlier default: all-MiniLM-L6-v2 with its own recipe (the head at 1e-4, layer decay 0.8, 6 epochs)."
     import yaml
     from hydra import compose, initialize_config_dir
-    from mlops_basics.training.train import CONFIG_DIR, validate_config
+    from mlops_basics.training.config import CONFIG_DIR, validate_config
     proc = run_cli("mlops-train", "--config-name", "minilm", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job, default = yaml.safe_load(proc.stdout), compose_config()

@@ -53,7 +53,7 @@ def _param_problems(key: str, p: dict) -> list[str]:
 def load_space(space: str | Path, # a name in `SPACE_DIR` (e.g. "lr_warmup") or a YAML file
               ) -> SearchSpace:
     "The search space `space` names, checked: every key an `mlops-train` setting, every range sampleable."
-    from mlops_basics.training.train import compose_config
+    from mlops_basics.training.config import compose_config
     path = Path(space) if str(space).endswith((".yaml", ".yml")) else SPACE_DIR/f"{space}.yaml"
     if not path.is_file():
         raise SweepError(f"no search space {space!r}: give a YAML file or one of {sorted(p.stem for p in SPACE_DIR.glob('*.yaml'))}")
