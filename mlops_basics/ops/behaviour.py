@@ -67,26 +67,16 @@ CLEAR_PAIRS = [  # (grammatical, ungrammatical)
 
 # %% ../../nbs/11_model_tests.ipynb #e32fdda7
 TEMPLATES = [
-    "{name} bought {number} apples at the market.",
-    "{name} has lived in this town for {number} years.",
-    "{name} reads a book every evening.",
-    "Yesterday {name} walked {number} miles along the river.",
-    "{name} gave her brother {number} pencils.",
-    "The teacher asked {name} a difficult question.",
-    "{name} and her friends went to the cinema.",
-    "{name} is waiting for the bus.",
-    "We invited {name} to the party.",
-    "{name} finished the report before lunch.",
-    "{name} owns {number} cats and a dog.",
-    "The letter was sent to {name} last week.",
-    "{name} wants to learn French.",
-    "{name} painted the kitchen in {number} days.",
-    "Everyone agreed with {name}.",
-    "{name} will visit us in the summer.",
-    "{name} found {number} coins under the sofa.",
-    "{name} usually drinks coffee in the morning.",
-    "The children played with {name} in the garden.",
-    "{name} ran {number} kilometres this morning.",
+    "{name} bought {number} apples at the market.", "{name} has lived in this town for {number} years.",
+    "{name} reads a book every evening.", "Yesterday {name} walked {number} miles along the river.",
+    "{name} gave her brother {number} pencils.", "The teacher asked {name} a difficult question.",
+    "{name} and her friends went to the cinema.", "{name} is waiting for the bus.",
+    "We invited {name} to the party.", "{name} finished the report before lunch.",
+    "{name} owns {number} cats and a dog.", "The letter was sent to {name} last week.",
+    "{name} wants to learn French.", "{name} painted the kitchen in {number} days.",
+    "Everyone agreed with {name}.", "{name} will visit us in the summer.",
+    "{name} found {number} coins under the sofa.", "{name} usually drinks coffee in the morning.",
+    "The children played with {name} in the garden.", "{name} ran {number} kilometres this morning.",
 ]
 NAMES = ["Anna", "John", "Aisha", "Wei", "Carlos", "Olga", "Kenji", "Fatima"]
 NUMBERS = ["two", "three", "seven", "twelve", "5", "42"]
