@@ -18,11 +18,10 @@ from .containers import podman, project_root
 from .test_utils import free_port, http, process_stopped, wait_for_http
 
 # %% auto #0
-__all__ = ['ROOT', 'TINY_PARAMS', 'GIT_ENV', 'REGION', 'AWS_ENV', 'sh', 'tiny_pipeline_repo', 'fail_once', 'podman_import_build',
+__all__ = ['TINY_PARAMS', 'GIT_ENV', 'REGION', 'AWS_ENV', 'sh', 'tiny_pipeline_repo', 'fail_once', 'podman_import_build',
            'registry_server', 'registry_tags', 'lambda_function', 'alias_state', 'lambda_traffic', 'traffic_log']
 
 # %% ../../nbs/98a_rehearsal.ipynb #8ccb105c
-ROOT = project_root()  # the checkout: the rehearsal copies its pipeline, package and ignore files
 TINY_PARAMS = ["model=tiny_random", "logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.num_threads=1",
                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
@@ -43,10 +42,11 @@ def tiny_pipeline_repo(dest: Path, # a new directory for the repository
                       ) -> Path:
     "A git + DVC repository with the course's pipeline and params for a tiny random model, a local remote beside it, committed."
     dest.mkdir(parents=True)
-    for name in (".dvcignore", ".gitignore"): shutil.copy(ROOT/name, dest/name)
+    root = project_root()  # the checkout: its ignore files, pipeline and package are copied
+    for name in (".dvcignore", ".gitignore"): shutil.copy(root/name, dest/name)
     # A tiny random model cannot meet a trained model's behavioural thresholds: its behaviour stage only measures.
-    (dest/"dvc.yaml").write_text((ROOT/"dvc.yaml").read_text().replace("--out reports/behaviour.json", "--out reports/behaviour.json --no-thresholds"))
-    shutil.copytree(ROOT/"mlops_basics", dest/"mlops_basics", ignore=shutil.ignore_patterns("__pycache__"))
+    (dest/"dvc.yaml").write_text((root/"dvc.yaml").read_text().replace("--out reports/behaviour.json", "--out reports/behaviour.json --no-thresholds"))
+    shutil.copytree(root/"mlops_basics", dest/"mlops_basics", ignore=shutil.ignore_patterns("__pycache__"))
     sh("git", "init", "-q", "-b", "main", cwd=dest, tools=tools)
     sh("dvc", "init", "-q", cwd=dest, tools=tools)
     sh("dvc", "config", "core.analytics", "false", cwd=dest, tools=tools)
