@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= train,serve,lambda,aws,monitoring,dev
+# `make run` installs what the pipeline uses (RUN_EXTRAS); `make test`, `make lab`, `make export` and `make pages` add the rest (EXTRAS).
+RUN_EXTRAS ?= train,serve,pipeline
+EXTRAS ?= train,serve,pipeline,lambda,aws,monitoring,dev
 
 # Offline machines: point MLOPS_COLA_PATH at a local copy of CoLA (the zip or its raw/ directory).
 # A checkout next to a shared/ folder (as in this project's CI) uses the copy there.
@@ -12,12 +14,14 @@ ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
 export MLOPS_COLA_PATH ?= $(SHARED_COLA)
 endif
 
-.PHONY: help install prefect-venv mlserver system-packages run test test-fast export pages lab clean
+.PHONY: help install install-dev lint lint-fix prefect-venv mlserver system-packages run test test-fast export pages lab clean
 
 help:
 	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate, behavioural tests (what is out of date)"
 	@echo "make test       run the whole test suite (notebooks, package, slow tests; container tests need root for podman)"
 	@echo "make test-fast  the same without the tests marked slow"
+	@echo "make lint       the pre-commit hooks on every file (what .ci/run checks): nbdev_clean, ruff, yamllint, actionlint"
+	@echo "make lint-fix   ruff's fixes on the notebooks (then nbdev_export), ruff's fixes and format on tests, tools and benchmarks"
 	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
 	@echo "make pages      run the pages on the real model (after make run) and keep their outputs; PAGES=\"05_serving.ipynb ...\" for some, SLOW=1 to rebuild images too"
 	@echo "make lab        JupyterLab on the notebooks"
@@ -25,12 +29,18 @@ help:
 	@echo "make mlserver   Seldon's MLServer with the project's runtime, in its own environment (.venv-mlserver)"
 
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
 # torch first, pinned: anything that asks for an unpinned torch would otherwise pull a multi-GB CUDA build.
 $(VENV)/.installed: setup.py settings.ini constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(RUN_EXTRAS)]"
+	touch $@
+
+# The rest: Lambda, AWS, monitoring, and the dev tools (nbdev, JupyterLab, pytest, Playwright, linters, pre-commit, build, twine).
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
@@ -69,26 +79,38 @@ system-packages:
 
 # SYSTEM_PACKAGES= (empty) skips that step: .ci/run installs the Debian packages once, before everything else.
 SYSTEM_PACKAGES ?= system-packages
-test: install $(SYSTEM_PACKAGES)
+test: install-dev $(SYSTEM_PACKAGES)
 	$(BIN)/lint-imports  # the layers of .importlinter
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest
 
-test-fast: install
+test-fast: install-dev
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -m "not slow"
 
-export: install
+export: install-dev
 	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
 	$(BIN)/python tools/sync_readme.py
 
+# The same hooks as a contributor's commit and CI (.ci/run): see .pre-commit-config.yaml. All local: they need no network.
+lint: install-dev
+	$(BIN)/pre-commit run --all-files --show-diff-on-failure
+
+# ruff's safe fixes on the notebooks (the source of the modules), then the modules from the notebooks again; ruff's fixes and
+# format on the plain Python files (tests, tools, benchmarks). Mechanical and re-runnable.
+lint-fix: install-dev
+	$(BIN)/ruff check --fix nbs tests tools benchmarks
+	$(BIN)/ruff format tests tools benchmarks
+	env -u IN_TEST $(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+
 # The pages show the real model: run them after `make run` (it leaves artifacts/ and reports/), then commit nbs/.
-pages: install
+pages: install-dev
 	cd nbs && HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false ../$(BIN)/python -c \
 	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow)
 	$(BIN)/nbdev_clean
 	$(BIN)/python tools/sync_readme.py
 
-lab: install
+lab: install-dev
 	$(BIN)/jupyter lab nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean:

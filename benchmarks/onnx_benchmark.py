@@ -7,6 +7,7 @@ nbs/benchmarks.ipynb). Run on an otherwise idle machine, after `benchmarks/train
 
     python benchmarks/onnx_benchmark.py [MODEL_DIR]
 """
+
 import datetime as dt
 import json
 import os
@@ -21,20 +22,23 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT/"benchmarks"/"runs"
-RESULT = ROOT/"benchmarks"/"results"/"onnx.json"
+RUNS = ROOT / "benchmarks" / "runs"
+RESULT = ROOT / "benchmarks" / "results" / "onnx.json"
 N_LATENCY, BATCH = 600, 32
 
 
-def percentile(values, q): return float(np.percentile(np.asarray(values) * 1000, q))
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values) * 1000, q))
 
 
 def timed(fn, sentences, batch_size):
     "Seconds per call of `fn` on consecutive batches of `sentences`."
     times = []
     for i in range(0, len(sentences), batch_size):
-        batch = sentences[i:i + batch_size]
-        started = time.perf_counter(); fn(batch); times.append(time.perf_counter() - started)
+        batch = sentences[i : i + batch_size]
+        started = time.perf_counter()
+        fn(batch)
+        times.append(time.perf_counter() - started)
     return times
 
 
@@ -52,54 +56,83 @@ def serve_install_size(extras: str) -> float:
     "MB of a fresh virtual environment holding only the wheel with `extras`."
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work/"dist"), str(ROOT)], check=True)
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(work/"venv")], check=True)
-        wheel = next((work/"dist").glob("*.whl"))
-        subprocess.run([sys.executable, "-m", "pip", "--python", str(work/"venv"/"bin"/"python"), "install", "-q", "-c", str(ROOT/"constraints.txt"),
-                        f"{wheel}[{extras}]"], check=True)
-        return sum(f.stat().st_size for f in (work/"venv").rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work / "dist"), str(ROOT)], check=True
+        )
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(work / "venv")], check=True)
+        wheel = next((work / "dist").glob("*.whl"))
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(work / "venv" / "bin" / "python"),
+                "install",
+                "-q",
+                "-c",
+                str(ROOT / "constraints.txt"),
+                f"{wheel}[{extras}]",
+            ],
+            check=True,
+        )
+        return sum(f.stat().st_size for f in (work / "venv").rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
 
 
 def main(model_dir: Path) -> dict:
     import onnxruntime as ort
     import torch
+
     from mlops_basics.core.data import load_cola
+    from mlops_basics.serving.predictor import ONNXPredictor
     from mlops_basics.training.export import export_onnx, export_serving, load_for_export
     from mlops_basics.training.inference import Predictor
-    from mlops_basics.serving.predictor import ONNXPredictor
 
-    serving = RUNS/"onnx_benchmark"/"serving"
+    serving = RUNS / "onnx_benchmark" / "serving"
     meta = export_serving(model_dir, serving)
     model, tokenizer, _ = load_for_export(model_dir)
-    raw = export_onnx(model, tokenizer, RUNS/"onnx_benchmark"/"raw.onnx")
+    raw = export_onnx(model, tokenizer, RUNS / "onnx_benchmark" / "raw.onnx")
     sentences = [e.sentence for e in load_cola().validation]
     lengths = [len(tokenizer(s)["input_ids"]) for s in sentences]
-    results = {"what": "PyTorch eager vs ONNX Runtime on the trained all-MiniLM-L6-v2 (CoLA validation sentences)",
-               "date": dt.date.today().isoformat(), "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-               "model_dir": str(model_dir.relative_to(ROOT)) if model_dir.is_relative_to(ROOT) else str(model_dir),
-               "tokens_per_sentence": {"mean": float(np.mean(lengths)), "p50": float(np.median(lengths)), "max": int(max(lengths))},
-               "variants": {v: {k: meta["variants"][v][k] for k in ("bytes", "metrics", "max_abs_logit_diff", "agreement_with_pytorch")}
-                            for v in meta["variants"]},
-               "int8_vs_fp32": {"agreement": meta["variants"]["int8"]["agreement_with_fp32"], "mcc_change": meta["variants"]["int8"]["mcc_change_vs_fp32"]},
-               "default_variant": meta["default_variant"], "speed": {}}
+    results = {
+        "what": "PyTorch eager vs ONNX Runtime on the trained all-MiniLM-L6-v2 (CoLA validation sentences)",
+        "date": dt.date.today().isoformat(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "model_dir": str(model_dir.relative_to(ROOT)) if model_dir.is_relative_to(ROOT) else str(model_dir),
+        "tokens_per_sentence": {"mean": float(np.mean(lengths)), "p50": float(np.median(lengths)), "max": int(max(lengths))},
+        "variants": {
+            v: {k: meta["variants"][v][k] for k in ("bytes", "metrics", "max_abs_logit_diff", "agreement_with_pytorch")} for v in meta["variants"]
+        },
+        "int8_vs_fp32": {"agreement": meta["variants"]["int8"]["agreement_with_fp32"], "mcc_change": meta["variants"]["int8"]["mcc_change_vs_fp32"]},
+        "default_variant": meta["default_variant"],
+        "speed": {},
+    }
     for threads in (1, 2):
         torch.set_num_threads(threads)
         torch_predictor = Predictor(model_dir, batch_size=BATCH)
         engines = {"pytorch": torch_predictor.logits}
-        for name, path in (("onnx_raw", raw), ("onnx_optimized", serving/"model.onnx"), ("onnx_int8", serving/"model.int8.onnx")):
+        for name, path in (("onnx_raw", raw), ("onnx_optimized", serving / "model.onnx"), ("onnx_int8", serving / "model.int8.onnx")):
             variant = {"onnx_optimized": "fp32", "onnx_int8": "int8"}.get(name)
-            if variant: predictor = ONNXPredictor(serving, variant=variant, threads=threads, batch_size=BATCH)
+            if variant:
+                predictor = ONNXPredictor(serving, variant=variant, threads=threads, batch_size=BATCH)
             else:  # the raw export is no serving variant: same predictor, its session swapped for the unoptimised graph
                 predictor = ONNXPredictor(serving, variant="fp32", threads=threads, batch_size=BATCH)
-                options = ort.SessionOptions(); options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+                options = ort.SessionOptions()
+                options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
                 predictor.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             engines[name] = predictor.logits
         for name, fn in engines.items():
-            for s in sentences[:20]: fn([s])  # warm-up
+            for s in sentences[:20]:
+                fn([s])  # warm-up
             single = timed(fn, sentences[:N_LATENCY], 1)
             batched = timed(fn, sentences, BATCH)
-            results["speed"][f"{name}@{threads}"] = {"threads": threads, "engine": name, "batch1_p50_ms": percentile(single, 50),
-                                                      "batch1_p99_ms": percentile(single, 99), "batch32_sentences_per_s": len(sentences) / sum(batched)}
+            results["speed"][f"{name}@{threads}"] = {
+                "threads": threads,
+                "engine": name,
+                "batch1_p50_ms": percentile(single, 50),
+                "batch1_p99_ms": percentile(single, 99),
+                "batch32_sentences_per_s": len(sentences) / sum(batched),
+            }
             print(name, threads, {k: round(v, 2) for k, v in results["speed"][f"{name}@{threads}"].items() if isinstance(v, float)}, flush=True)
     for threads in (1, 2):
         base = results["speed"][f"pytorch@{threads}"]["batch1_p50_ms"]
@@ -107,15 +140,17 @@ def main(model_dir: Path) -> dict:
             results["speed"][f"{name}@{threads}"]["batch1_speedup_vs_pytorch"] = base / results["speed"][f"{name}@{threads}"]["batch1_p50_ms"]
     results["cold_start_s"] = {
         "onnx": cold_start(f"from mlops_basics.serving.predictor import ONNXPredictor; ONNXPredictor({str(serving)!r}).predict(['It works.'])"),
-        "pytorch": cold_start(f"from mlops_basics.training.inference import Predictor; Predictor({str(model_dir)!r}).predict(['It works.'])")}
+        "pytorch": cold_start(f"from mlops_basics.training.inference import Predictor; Predictor({str(model_dir)!r}).predict(['It works.'])"),
+    }
     results["serve_install_mb"] = {"serve": serve_install_size("serve"), "serve,lambda": serve_install_size("serve,lambda")}
     from mlops_basics.core.artifacts import package_versions
+
     results["versions"] = package_versions()
     RESULT.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 if __name__ == "__main__":
-    model = Path(sys.argv[1]) if len(sys.argv) > 1 else RUNS/"training_cpu"/"model"
+    model = Path(sys.argv[1]) if len(sys.argv) > 1 else RUNS / "training_cpu" / "model"
     r = main(model.resolve())
     print(json.dumps({k: r[k] for k in ("cold_start_s", "serve_install_mb", "int8_vs_fp32", "default_variant")}, indent=2))

@@ -17,6 +17,7 @@ for a short look: the committed results come from a full run on a quiet machine.
     python benchmarks/protocol_benchmark.py [--serving-dir artifacts/serving] [--model-dir artifacts/model] [--duration 15] [--rounds 2]
     python benchmarks/protocol_benchmark.py --duration 5 --rounds 1 --servers app,app-no-batching --out /tmp/protocol.json  # a short look
 """
+
 import argparse
 import datetime as dt
 import json
@@ -29,16 +30,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from mlops_basics.devtools.test_utils import free_port, http, process_stopped, wait_for_http  # noqa: E402
 from serving_benchmark import cpu_model, parse_wrk, wrk_version  # noqa: E402  (same wrk parsing as the serving benchmark)
 
-RESULT = ROOT/"benchmarks"/"results"/"protocol.json"
-SCRATCH = ROOT/"benchmarks"/"runs"/"protocol"  # git-ignored
+from mlops_basics.devtools.test_utils import free_port, http, process_stopped, wait_for_http  # noqa: E402
+
+RESULT = ROOT / "benchmarks" / "results" / "protocol.json"
+SCRATCH = ROOT / "benchmarks" / "runs" / "protocol"  # git-ignored
 BIN = Path(sys.executable).parent
 SERVERS = ("app", "app-no-batching", "mlserver", "mlserver-batching", "naive")
-SENTENCES = ["The book was read by the student.", "Book the the read.", "She sang beautifully at the concert last night.",
-             "Who do you think that left?", "The more you eat, the fatter you get.", "John seems that is happy.",
-             "The children are playing in the garden.", "Mary wondered whether to leave."]
+SENTENCES = [
+    "The book was read by the student.",
+    "Book the the read.",
+    "She sang beautifully at the concert last night.",
+    "Who do you think that left?",
+    "The more you eat, the fatter you get.",
+    "John seems that is happy.",
+    "The children are playing in the garden.",
+    "Mary wondered whether to leave.",
+]
 NAIVE_APP = '''"""The serving app a user writes first: FastAPI, transformers and PyTorch, the model run on each request's sentences."""
 import os
 
@@ -81,29 +90,43 @@ end
 def bodies(kind: str, batch: int) -> list[str]:
     "JSON request bodies of `batch` sentences each, cycling through SENTENCES: the app's own API or the protocol's."
     groups = [[SENTENCES[(start + k) % len(SENTENCES)] for k in range(batch)] for start in range(len(SENTENCES))]
-    if kind == "predict": return [json.dumps({"sentences": g}) for g in groups]
+    if kind == "predict":
+        return [json.dumps({"sentences": g}) for g in groups]
     return [json.dumps({"inputs": [{"name": "text", "shape": [len(g)], "datatype": "BYTES", "data": g}]}) for g in groups]
 
 
 def tree_rss_mb(pid: int) -> float:
     "Resident memory of a process and all its descendants, MB."
     import psutil
+
     root = psutil.Process(pid)
     return round(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20, 1)
 
 
 def load(url: str, path: str, kind: str, batch: int, duration: int, connections: int, work: Path) -> dict:
     "wrk against `url``path` with `batch` sentences per request: a short warm-up, then `duration` seconds measured."
-    lua = work/f"{kind}-{batch}.lua"
+    lua = work / f"{kind}-{batch}.lua"
     lua.write_text(LUA.format(path=path, bodies=", ".join(f"[==[{b}]==]" for b in bodies(kind, batch))))
     subprocess.run(["wrk", "-t1", f"-c{connections}", "-d3s", "-s", str(lua), url], capture_output=True, check=True)
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(lua), url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(lua), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     result = parse_wrk(out)
-    if set(result["latency_ms"]) != {"p50", "p75", "p90", "p99"}: raise RuntimeError(f"wrk's latency distribution is missing:\n{out}")
-    return {"batch": batch, "requests_per_s": result["requests_per_s"], "sentences_per_s": round(result["requests_per_s"] * batch, 1),
-            "p50_ms": result["latency_ms"]["p50"], "p99_ms": result["latency_ms"]["p99"], "requests": result["requests"],
-            "non_2xx": result["non_2xx"], "socket_errors": result["socket_errors"]}
+    if set(result["latency_ms"]) != {"p50", "p75", "p90", "p99"}:
+        raise RuntimeError(f"wrk's latency distribution is missing:\n{out}")
+    return {
+        "batch": batch,
+        "requests_per_s": result["requests_per_s"],
+        "sentences_per_s": round(result["requests_per_s"] * batch, 1),
+        "p50_ms": result["latency_ms"]["p50"],
+        "p99_ms": result["latency_ms"]["p99"],
+        "requests": result["requests"],
+        "non_2xx": result["non_2xx"],
+        "socket_errors": result["socket_errors"],
+    }
 
 
 def labels_of(url: str, path: str, kind: str) -> list[str]:
@@ -116,8 +139,10 @@ def labels_of(url: str, path: str, kind: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serving-dir", type=Path, default=ROOT/"artifacts"/"serving", help="the exported model (mlops-export)")
-    parser.add_argument("--model-dir", type=Path, default=ROOT/"artifacts"/"model", help="the same model as PyTorch (mlops-train), for the naive app")
+    parser.add_argument("--serving-dir", type=Path, default=ROOT / "artifacts" / "serving", help="the exported model (mlops-export)")
+    parser.add_argument(
+        "--model-dir", type=Path, default=ROOT / "artifacts" / "model", help="the same model as PyTorch (mlops-train), for the naive app"
+    )
     parser.add_argument("--duration", type=int, default=15, help="seconds of load per configuration, batch size and round")
     parser.add_argument("--connections", type=int, default=8, help="wrk connections (requests in flight)")
     parser.add_argument("--batches", default="1,8", help="sentences per request")
@@ -126,29 +151,42 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULT, help="where to write the results")
     args = parser.parse_args(argv)
     chosen = args.servers.split(",")
-    if set(chosen) - set(SERVERS): parser.error(f"--servers: unknown {sorted(set(chosen) - set(SERVERS))}; choose among {', '.join(SERVERS)}")
+    if set(chosen) - set(SERVERS):
+        parser.error(f"--servers: unknown {sorted(set(chosen) - set(SERVERS))}; choose among {', '.join(SERVERS)}")
     subprocess.run(["make", "-s", "install", "mlserver"], cwd=ROOT, check=True)
-    from mlops_basics.serving.predictor import ONNXPredictor
     from mlops_basics.serving.mlserver import mlserver_repository
+    from mlops_basics.serving.predictor import ONNXPredictor
+
     predictor = ONNXPredictor(args.serving_dir)
     SCRATCH.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=SCRATCH))
-    (work/"naive_app.py").write_text(NAIVE_APP)
+    (work / "naive_app.py").write_text(NAIVE_APP)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def app_server(*options):
         def command(port):
-            return [str(BIN/"mlops-serve"), "--serving-dir", str(args.serving_dir), "--port", str(port), *options], "/health"
+            return [str(BIN / "mlops-serve"), "--serving-dir", str(args.serving_dir), "--port", str(port), *options], "/health"
+
         return command
+
     def mlserver(batching):
         def command(port):
-            repository = mlserver_repository(work/f"mlserver-{batching}", args.serving_dir, http_port=port, grpc_port=free_port(),
-                                             metrics_port=free_port(), max_batch_size=args.connections if batching else 0,
-                                             max_batch_time=0.005 if batching else 0.0)
-            return [str(ROOT/".venv-mlserver"/"bin"/"mlserver"), "start", str(repository)], "/v2/models/cola/ready"
+            repository = mlserver_repository(
+                work / f"mlserver-{batching}",
+                args.serving_dir,
+                http_port=port,
+                grpc_port=free_port(),
+                metrics_port=free_port(),
+                max_batch_size=args.connections if batching else 0,
+                max_batch_time=0.005 if batching else 0.0,
+            )
+            return [str(ROOT / ".venv-mlserver" / "bin" / "mlserver"), "start", str(repository)], "/v2/models/cola/ready"
+
         return command
+
     def naive(port):
-        return [str(BIN/"python"), "-m", "uvicorn", "naive_app:app", "--port", str(port), "--no-access-log"], "/docs"
+        return [str(BIN / "python"), "-m", "uvicorn", "naive_app:app", "--port", str(port), "--no-access-log"], "/docs"
+
     servers = [  # name, how to start it, its endpoints (name, path, body kind)
         ("app", app_server("--batching", "on"), [("app /predict", "/predict", "predict"), ("app /v2 infer", "/v2/models/main/infer", "v2")]),
         ("app-no-batching", app_server("--batching", "off"), [("app /predict, no batching", "/predict", "predict")]),
@@ -163,29 +201,49 @@ def main(argv: list[str] | None = None) -> dict:
         for name, start, endpoints in servers:
             port = free_port()
             command, ready_path = start(port)
-            log = work/f"{name}-{round_}.log"
+            log = work / f"{name}-{round_}.log"
             with open(log, "wb") as out:
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=work, env={**env, "NAIVE_MODEL_DIR": str(args.model_dir.resolve())})
+                proc = subprocess.Popen(
+                    command, stdout=out, stderr=subprocess.STDOUT, cwd=work, env={**env, "NAIVE_MODEL_DIR": str(args.model_dir.resolve())}
+                )
                 try:
                     url = f"http://127.0.0.1:{port}"
                     startup = round(wait_for_http(url + ready_path, timeout=180, stopped=process_stopped(proc, log)), 2)
                     for label, path, kind in endpoints:
                         agreement = sum(a == b for a, b in zip(labels_of(url, path, kind), reference)) / len(reference)
                         for batch in map(int, args.batches.split(",")):
-                            run = {"round": round_, "server": label, "path": path, "startup_s": startup, "labels_agree_with_onnx": agreement,
-                                   **load(url, path, kind, batch, args.duration, args.connections, work), "rss_mb": tree_rss_mb(proc.pid)}
+                            run = {
+                                "round": round_,
+                                "server": label,
+                                "path": path,
+                                "startup_s": startup,
+                                "labels_agree_with_onnx": agreement,
+                                **load(url, path, kind, batch, args.duration, args.connections, work),
+                                "rss_mb": tree_rss_mb(proc.pid),
+                            }
                             print(json.dumps(run), flush=True)
                             runs.append(run)
                 finally:
-                    proc.terminate(); proc.wait(timeout=60)
+                    proc.terminate()
+                    proc.wait(timeout=60)
     results = []  # each server and batch size: the mean over the rounds (the maximum for memory)
     for server, batch in dict.fromkeys((r["server"], r["batch"]) for r in runs):
         rounds = [r for r in runs if (r["server"], r["batch"]) == (server, batch)]
-        mean = lambda key: round(sum(r[key] for r in rounds) / len(rounds), 2)
-        results.append({"server": server, "path": rounds[0]["path"], "batch": batch, **{k: mean(k) for k in ("requests_per_s", "sentences_per_s", "p50_ms", "p99_ms")},
-                        "rss_mb": max(r["rss_mb"] for r in rounds), "startup_s": mean("startup_s"), "non_2xx": sum(r["non_2xx"] for r in rounds),
-                        "socket_errors": sum(sum(r["socket_errors"].values()) for r in rounds), "labels_agree_with_onnx": min(r["labels_agree_with_onnx"] for r in rounds),
-                        "requests_per_s_by_round": [r["requests_per_s"] for r in rounds]})
+        mean = lambda key: round(sum(r[key] for r in rounds) / len(rounds), 2)  # noqa: B023 (called within this iteration)
+        results.append(
+            {
+                "server": server,
+                "path": rounds[0]["path"],
+                "batch": batch,
+                **{k: mean(k) for k in ("requests_per_s", "sentences_per_s", "p50_ms", "p99_ms")},
+                "rss_mb": max(r["rss_mb"] for r in rounds),
+                "startup_s": mean("startup_s"),
+                "non_2xx": sum(r["non_2xx"] for r in rounds),
+                "socket_errors": sum(sum(r["socket_errors"].values()) for r in rounds),
+                "labels_agree_with_onnx": min(r["labels_agree_with_onnx"] for r in rounds),
+                "requests_per_s_by_round": [r["requests_per_s"] for r in rounds],
+            }
+        )
     at = lambda server: next(r for r in results if r["server"] == server and r["batch"] == 1)["requests_per_s"]
     at_batch_1 = {r["server"] for r in results if r["batch"] == 1}
     apps = [a for a in ("app /predict", "app /v2 infer", "app /predict, no batching") if a in at_batch_1]
@@ -194,28 +252,66 @@ def main(argv: list[str] | None = None) -> dict:
     versus_naive = {a: round(at(a) / at("naive FastAPI + PyTorch"), 2) for a in apps} if "naive FastAPI + PyTorch" in at_batch_1 else {}
     shipped = [a for a in apps if a != "app /predict, no batching"]  # the targets compare like with like: batching against batching
     from importlib.metadata import version
-    mlserver_versions = json.loads(subprocess.run([str(ROOT/".venv-mlserver"/"bin"/"python"), "-c", "import importlib.metadata as m, json; "
-                                                   "print(json.dumps({p: m.version(p) for p in ('mlserver', 'fastapi')}))"], capture_output=True, text=True, check=True).stdout)
+
+    mlserver_versions = json.loads(
+        subprocess.run(
+            [
+                str(ROOT / ".venv-mlserver" / "bin" / "python"),
+                "-c",
+                "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in ('mlserver', 'fastapi')}))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     report = {
         "what": "the same model behind the app (/predict and /v2 infer; /predict without batching), MLServer (adaptive batching off and on) and a naive FastAPI + PyTorch app, one after another, driven by wrk",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "wrk": wrk_version(),
-                    "note": "2 cores shared: wrk runs on the same cores as the server, and other work on the machine may take some of them; compare rows of one run"},
-        "model": {"serving_dir_version": predictor.version, "variant": predictor.variant, "backbone": (predictor.metadata.get("source") or {}).get("backbone"),
-                  "naive_app": "the PyTorch checkpoint (fp32) of the same training run, through transformers"},
-        "client": {"tool": "wrk", "threads": 1, "connections": args.connections, "duration_s": args.duration, "warm_up_s": 3, "rounds": args.rounds,
-                   "sentences": SENTENCES, "body": "one request per group of `batch` consecutive sentences, cycling"},
-        "servers": {"app": "mlops-serve --batching on (no wait), 1 worker, ONNX Runtime threads: its default",
-                    "app-no-batching": "mlops-serve --batching off, otherwise as app", "mlserver": "mlserver start, CoLARuntime (inference in a thread, off the event loop), parallel_workers 0, ONNX Runtime threads: its default",
-                    "naive": "uvicorn naive_app:app, 1 worker, torch threads: its default"},
-        "versions": {**{p: version(p) for p in ("mlops-basics", "onnxruntime", "fastapi", "uvicorn", "torch", "transformers")},
-                     "mlserver": mlserver_versions["mlserver"], "mlserver_fastapi": mlserver_versions["fastapi"]},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "wrk": wrk_version(),
+            "note": "2 cores shared: wrk runs on the same cores as the server, and other work on the machine may take some of them; compare rows of one run",
+        },
+        "model": {
+            "serving_dir_version": predictor.version,
+            "variant": predictor.variant,
+            "backbone": (predictor.metadata.get("source") or {}).get("backbone"),
+            "naive_app": "the PyTorch checkpoint (fp32) of the same training run, through transformers",
+        },
+        "client": {
+            "tool": "wrk",
+            "threads": 1,
+            "connections": args.connections,
+            "duration_s": args.duration,
+            "warm_up_s": 3,
+            "rounds": args.rounds,
+            "sentences": SENTENCES,
+            "body": "one request per group of `batch` consecutive sentences, cycling",
+        },
+        "servers": {
+            "app": "mlops-serve --batching on (no wait), 1 worker, ONNX Runtime threads: its default",
+            "app-no-batching": "mlops-serve --batching off, otherwise as app",
+            "mlserver": "mlserver start, CoLARuntime (inference in a thread, off the event loop), parallel_workers 0, ONNX Runtime threads: its default",
+            "naive": "uvicorn naive_app:app, 1 worker, torch threads: its default",
+        },
+        "versions": {
+            **{p: version(p) for p in ("mlops-basics", "onnxruntime", "fastapi", "uvicorn", "torch", "transformers")},
+            "mlserver": mlserver_versions["mlserver"],
+            "mlserver_fastapi": mlserver_versions["fastapi"],
+        },
         "results": results,
         "runs": runs,
-        "targets": {"app_over_framework_at_batch_1": versus_framework,  # requests/s of the app's route over the framework's
-                    "app_at_least_as_fast_as_the_framework_at_batch_1": all(v >= 1 for a in shipped for v in versus_framework[a].values()) if frameworks else None,
-                    "app_over_naive_at_batch_1": versus_naive,
-                    "app_at_least_5x_the_naive_app_at_batch_1": all(versus_naive[a] >= 5 for a in shipped) if versus_naive else None},
+        "targets": {
+            "app_over_framework_at_batch_1": versus_framework,  # requests/s of the app's route over the framework's
+            "app_at_least_as_fast_as_the_framework_at_batch_1": all(v >= 1 for a in shipped for v in versus_framework[a].values())
+            if frameworks
+            else None,
+            "app_over_naive_at_batch_1": versus_naive,
+            "app_at_least_5x_the_naive_app_at_batch_1": all(versus_naive[a] >= 5 for a in shipped) if versus_naive else None,
+        },
         "servers_run": [name for name, _, _ in servers],
         "wall_s": round(time.time() - started),
     }

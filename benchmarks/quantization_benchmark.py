@@ -8,6 +8,7 @@ nbs/04a_export.ipynb and nbs/benchmarks.ipynb). Run on an otherwise idle machine
 
     python benchmarks/quantization_benchmark.py NAME=SERVING_DIR [NAME=SERVING_DIR ...]
 """
+
 import argparse
 import datetime as dt
 import os
@@ -19,51 +20,74 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT = ROOT/"benchmarks"/"results"/"quantization.json"
+RESULT = ROOT / "benchmarks" / "results" / "quantization.json"
 N_LATENCY, BATCH, THREADS = 300, 32, 2
 
 
 def measure(path: Path, tokenizer, sentences: list[str]) -> tuple[np.ndarray, dict]:
     "Validation logits (batches of 32) and speed of one graph."
     import onnxruntime as ort
+
     from mlops_basics.serving.predictor import encode_batch
-    options = ort.SessionOptions(); options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    def run(batch): return session.run(["logits"], {k: v for k, v in encode_batch(tokenizer, batch).items() if k in names})[0]
-    for s in sentences[:20]: run([s])  # warm up
-    started = time.perf_counter(); logits = np.concatenate([run(sentences[i:i + BATCH]) for i in range(0, len(sentences), BATCH)])
+
+    def run(batch):
+        return session.run(["logits"], {k: v for k, v in encode_batch(tokenizer, batch).items() if k in names})[0]
+
+    for s in sentences[:20]:
+        run([s])  # warm up
+    started = time.perf_counter()
+    logits = np.concatenate([run(sentences[i : i + BATCH]) for i in range(0, len(sentences), BATCH)])
     throughput = len(sentences) / (time.perf_counter() - started)
     alone, times = [], []
     for s in sentences[:N_LATENCY]:
-        t = time.perf_counter(); alone.append(run([s])); times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        alone.append(run([s]))
+        times.append(time.perf_counter() - t)
     batch_invariance = float(np.abs(np.concatenate(alone) - logits[:N_LATENCY]).max())
-    return logits, {"bytes": path.stat().st_size, "batch1_p50_ms": round(float(np.median(times)) * 1000, 2),
-                    "batch32_sentences_per_s": round(throughput, 1), "max_abs_change_alone_vs_batched": batch_invariance}
+    return logits, {
+        "bytes": path.stat().st_size,
+        "batch1_p50_ms": round(float(np.median(times)) * 1000, 2),
+        "batch32_sentences_per_s": round(throughput, 1),
+        "max_abs_change_alone_vs_batched": batch_invariance,
+    }
 
 
 def compare(serving_dir: Path, sentences: list[str], labels: list[int]) -> dict:
     "fp32, dynamic int8 and blockwise int8 of one serving directory."
     from mlops_basics.core.artifacts import read_metadata
-    from mlops_basics.training.export import INT8_METHODS, SERVING_FILES, quantize_int8
     from mlops_basics.core.predictions import binary_metrics
     from mlops_basics.serving.predictor import load_tokenizer
+    from mlops_basics.training.export import INT8_METHODS, SERVING_FILES, quantize_int8
+
     metadata = read_metadata(serving_dir)
-    tokenizer = load_tokenizer(serving_dir/"tokenizer.json", metadata["max_length"])
-    fp32 = serving_dir/SERVING_FILES["fp32"]
+    tokenizer = load_tokenizer(serving_dir / "tokenizer.json", metadata["max_length"])
+    fp32 = serving_dir / SERVING_FILES["fp32"]
     reference, speed = measure(fp32, tokenizer, sentences)
     fp32_mcc = binary_metrics(labels, reference.argmax(1))["mcc"]
     variants = {"fp32": {"mcc": round(fp32_mcc, 4), **speed}}
     with tempfile.TemporaryDirectory() as work:
         for method in INT8_METHODS:
-            logits, speed = measure(quantize_int8(fp32, Path(work)/f"{method}.onnx", method), tokenizer, sentences)
+            logits, speed = measure(quantize_int8(fp32, Path(work) / f"{method}.onnx", method), tokenizer, sentences)
             mcc = binary_metrics(labels, logits.argmax(1))["mcc"]
-            variants[method] = {"mcc": round(mcc, 4), "mcc_change_vs_fp32": round(mcc - fp32_mcc, 4),
-                                "agreement_with_fp32": round(float((logits.argmax(1) == reference.argmax(1)).mean()), 4),
-                                "max_abs_logit_diff_vs_fp32": round(float(np.abs(logits - reference).max()), 4), **speed}
-    return {"backbone": metadata["source"].get("backbone"), "serving_dir": os.path.relpath(serving_dir, ROOT),
-            "default_variant": metadata["default_variant"], "int8_method": metadata["variants"]["int8"].get("method", "dynamic"),
-            "variants": variants}
+            variants[method] = {
+                "mcc": round(mcc, 4),
+                "mcc_change_vs_fp32": round(mcc - fp32_mcc, 4),
+                "agreement_with_fp32": round(float((logits.argmax(1) == reference.argmax(1)).mean()), 4),
+                "max_abs_logit_diff_vs_fp32": round(float(np.abs(logits - reference).max()), 4),
+                **speed,
+            }
+    return {
+        "backbone": metadata["source"].get("backbone"),
+        "serving_dir": os.path.relpath(serving_dir, ROOT),
+        "default_variant": metadata["default_variant"],
+        "int8_method": metadata["variants"]["int8"].get("method", "dynamic"),
+        "variants": variants,
+    }
 
 
 def main(argv=None):
@@ -71,8 +95,10 @@ def main(argv=None):
     parser.add_argument("models", nargs="+", help="NAME=SERVING_DIR, e.g. default=artifacts/serving")
     args = parser.parse_args(argv)
     import onnxruntime
+
     from mlops_basics.core.artifacts import write_json
     from mlops_basics.core.data import load_cola
+
     validation = load_cola(None).validation
     sentences, labels = [e.sentence for e in validation], [e.label for e in validation]
     models = {}
@@ -80,12 +106,23 @@ def main(argv=None):
         name, _, directory = spec.partition("=")
         models[name] = compare(Path(directory).resolve(), sentences, labels)
         for variant, v in models[name]["variants"].items():
-            print(f"{name:<20} {variant:<10} MCC {v['mcc']:.4f} agree {v.get('agreement_with_fp32', 1):.4f} {v['bytes']/1e6:6.1f} MB "
-                  f"{v['batch1_p50_ms']:6.2f} ms {v['batch32_sentences_per_s']:7.1f}/s alone-vs-batched {v['max_abs_change_alone_vs_batched']:.2g}", flush=True)
-    write_json({"what": "fp32 against int8 quantised dynamically (per-column weights, per-tensor activations) and blockwise (weights and each "
-                        "token's activations per block of 32), on CoLA's validation sentences",
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores", "threads": THREADS,
-                "date": dt.date.today().isoformat(), "onnxruntime": onnxruntime.__version__, "models": models}, RESULT)
+            print(
+                f"{name:<20} {variant:<10} MCC {v['mcc']:.4f} agree {v.get('agreement_with_fp32', 1):.4f} {v['bytes'] / 1e6:6.1f} MB "
+                f"{v['batch1_p50_ms']:6.2f} ms {v['batch32_sentences_per_s']:7.1f}/s alone-vs-batched {v['max_abs_change_alone_vs_batched']:.2g}",
+                flush=True,
+            )
+    write_json(
+        {
+            "what": "fp32 against int8 quantised dynamically (per-column weights, per-tensor activations) and blockwise (weights and each "
+            "token's activations per block of 32), on CoLA's validation sentences",
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+            "threads": THREADS,
+            "date": dt.date.today().isoformat(),
+            "onnxruntime": onnxruntime.__version__,
+            "models": models,
+        },
+        RESULT,
+    )
 
 
 if __name__ == "__main__":

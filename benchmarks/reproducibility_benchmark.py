@@ -9,6 +9,7 @@ same-machine, same-threads guarantee on every test run.
 
     python benchmarks/reproducibility_benchmark.py
 """
+
 import datetime as dt
 import hashlib
 import json
@@ -19,16 +20,23 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT/"benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from serving_benchmark import cpu_model  # noqa: E402
 
-SHARED_COLA = ROOT.parent/"shared"/"data"/"cola"
-if "MLOPS_COLA_PATH" not in os.environ and SHARED_COLA.exists(): os.environ["MLOPS_COLA_PATH"] = str(SHARED_COLA)
+SHARED_COLA = ROOT.parent / "shared" / "data" / "cola"
+if "MLOPS_COLA_PATH" not in os.environ and SHARED_COLA.exists():
+    os.environ["MLOPS_COLA_PATH"] = str(SHARED_COLA)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RESULT = ROOT/"benchmarks"/"results"/"reproducibility.json"
+RESULT = ROOT / "benchmarks" / "results" / "reproducibility.json"
 BIN = Path(sys.executable).parent
-TINY = ["model=tiny_random", "logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=20"]
+TINY = [
+    "model=tiny_random",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=20",
+]
 RUNS = {  # name -> overrides on top of TINY
     "1 thread": ["trainer.num_threads=1"],
     "1 thread, again": ["trainer.num_threads=1"],
@@ -37,12 +45,14 @@ RUNS = {  # name -> overrides on top of TINY
 }
 
 
-def sha256(path: Path) -> str: return hashlib.sha256(path.read_bytes()).hexdigest()
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run(*command) -> None:
     proc = subprocess.run([str(c) for c in command], capture_output=True, text=True)
-    if proc.returncode: raise SystemExit(f"{command[0]} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode:
+        raise SystemExit(f"{command[0]} failed:\n{proc.stderr[-3000:]}")
 
 
 def findings(same: dict[str, dict[str, bool]]) -> list[str]:
@@ -64,26 +74,38 @@ def findings(same: dict[str, dict[str, bool]]) -> list[str]:
 
 def main() -> None:
     import torch
+
     hashes = {}
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         for i, (name, overrides) in enumerate(RUNS.items()):
-            root = work/f"run{i}"
-            run(BIN/"mlops-train", *TINY, *overrides, f"paths.root={root}")
-            run(BIN/"mlops-export", root/"model", root/"serving")
-            hashes[name] = {"weights": sha256(root/"model"/"model.safetensors"), "onnx_fp32": sha256(root/"serving"/"model.onnx"),
-                            "onnx_int8": sha256(root/"serving"/"model.int8.onnx")}
-        run(BIN/"mlops-export", work/"run0"/"model", work/"again")
-        hashes["1 thread, exported again"] = {"weights": hashes["1 thread"]["weights"], "onnx_fp32": sha256(work/"again"/"model.onnx"),
-                                              "onnx_int8": sha256(work/"again"/"model.int8.onnx")}
+            root = work / f"run{i}"
+            run(BIN / "mlops-train", *TINY, *overrides, f"paths.root={root}")
+            run(BIN / "mlops-export", root / "model", root / "serving")
+            hashes[name] = {
+                "weights": sha256(root / "model" / "model.safetensors"),
+                "onnx_fp32": sha256(root / "serving" / "model.onnx"),
+                "onnx_int8": sha256(root / "serving" / "model.int8.onnx"),
+            }
+        run(BIN / "mlops-export", work / "run0" / "model", work / "again")
+        hashes["1 thread, exported again"] = {
+            "weights": hashes["1 thread"]["weights"],
+            "onnx_fp32": sha256(work / "again" / "model.onnx"),
+            "onnx_int8": sha256(work / "again" / "model.int8.onnx"),
+        }
     base = hashes["1 thread"]
     same_as_first = {name: {k: h[k] == base[k] for k in base} for name, h in hashes.items() if name != "1 thread"}
     result = {
         "what": "bit-for-bit reproducibility of training (tiny model, 20 batches) and ONNX export, one thing changed at a time",
         "date": dt.date.today().isoformat(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()},
-        "same_as_the_1_thread_run": same_as_first, "sha256": hashes,
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "same_as_the_1_thread_run": same_as_first,
+        "sha256": hashes,
         "findings": findings(same_as_first),
     }
     RESULT.write_text(json.dumps(result, indent=1) + "\n")

@@ -9,6 +9,7 @@ request. Writes benchmarks/results/soak.json (rendered on nbs/benchmarks.ipynb).
 
     python benchmarks/soak_benchmark.py [--serving-dir artifacts/serving] [--requests 100000] [--concurrency 8]
 """
+
 import argparse
 import asyncio
 import datetime as dt
@@ -26,10 +27,17 @@ from mlops_basics.devtools.test_utils import free_port, http
 ROOT = Path(__file__).resolve().parents[1]
 from serving_benchmark import cpu_model  # noqa: E402  (run as a script: benchmarks/ is on the path)
 
-RESULT = ROOT/"benchmarks"/"results"/"soak.json"
-SENTENCES = ["The book was read by the student.", "Book the the read.", "She sang beautifully at the concert last night.",
-             "Who do you think that left?", "The more you eat, the fatter you get.", "John seems that is happy.",
-             "The children are playing in the garden.", "Mary wondered whether to leave."]
+RESULT = ROOT / "benchmarks" / "results" / "soak.json"
+SENTENCES = [
+    "The book was read by the student.",
+    "Book the the read.",
+    "She sang beautifully at the concert last night.",
+    "Who do you think that left?",
+    "The more you eat, the fatter you get.",
+    "John seems that is happy.",
+    "The children are playing in the garden.",
+    "Mary wondered whether to leave.",
+]
 JSON = "application/json"
 INVALID = [  # (body, content type, the status it must get)
     (b'{"sentences": []}', JSON, 422),
@@ -42,7 +50,8 @@ INVALID = [  # (body, content type, the status it must get)
 
 def request_body(i: int) -> tuple[bytes, str, int]:
     "Request number i: (body, content type, expected status); four in five are valid."
-    if i % 5 == 4: return INVALID[(i // 5) % len(INVALID)]
+    if i % 5 == 4:
+        return INVALID[(i // 5) % len(INVALID)]
     batch = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(1 + i % 4)]
     return json.dumps({"sentences": batch}).encode(), JSON, 200
 
@@ -55,7 +64,8 @@ async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host:
     length = 0
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode("latin-1").partition(":")
-        if name.strip().lower() == "content-length": length = int(value)
+        if name.strip().lower() == "content-length":
+            length = int(value)
     await reader.readexactly(length)
     return status
 
@@ -77,8 +87,15 @@ async def soak(port: int, pid: int, requests: int, concurrency: int, slice_size:
         nonlocal started, latencies
         now, ordered = time.perf_counter(), sorted(latencies)
         pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-        slices.append({"requests_done": len(slices) * slice_size + len(ordered), "requests_per_s": round(len(ordered) / (now - started), 1),
-                       "p50_ms": round(pick(0.50), 2), "p99_ms": round(pick(0.99), 2), **proc_stats(pid)})
+        slices.append(
+            {
+                "requests_done": len(slices) * slice_size + len(ordered),
+                "requests_per_s": round(len(ordered) / (now - started), 1),
+                "p50_ms": round(pick(0.50), 2),
+                "p99_ms": round(pick(0.99), 2),
+                **proc_stats(pid),
+            }
+        )
         print(json.dumps(slices[-1]), flush=True)
         latencies, started = [], now
 
@@ -92,37 +109,48 @@ async def soak(port: int, pid: int, requests: int, concurrency: int, slice_size:
                 elapsed = time.perf_counter() - t0
                 if status != expected:
                     wrong["valid_not_200" if expected == 200 else "invalid_wrong_status"] += 1
-                    if len(wrong["errors"]) < 20: wrong["errors"].append({"request": i, "expected": expected, "got": status})
+                    if len(wrong["errors"]) < 20:
+                        wrong["errors"].append({"request": i, "expected": expected, "got": status})
                 async with lock:
                     latencies.append(elapsed)
-                    if len(latencies) == slice_size: await close_slice()
+                    if len(latencies) == slice_size:
+                        await close_slice()
         finally:
             writer.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    if latencies: await close_slice()
+    if latencies:
+        await close_slice()
     return slices, wrong
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serving-dir", default=str(ROOT/"artifacts"/"serving"))
-    parser.add_argument("--requests", type=int, default=100_000); parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--slice", type=int, default=10_000); parser.add_argument("--out", default=str(RESULT))
+    parser.add_argument("--serving-dir", default=str(ROOT / "artifacts" / "serving"))
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--slice", type=int, default=10_000)
+    parser.add_argument("--out", default=str(RESULT))
     args = parser.parse_args()
     port, bin_dir = free_port(), Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as scratch:
-        log = Path(scratch)/"requests.log"
+        log = Path(scratch) / "requests.log"
         with open(log, "wb") as out:
-            server = subprocess.Popen([str(bin_dir/"mlops-serve"), "--serving-dir", args.serving_dir, "--port", str(port), "--workers", "1"],
-                                      stdout=out, stderr=subprocess.DEVNULL)
+            server = subprocess.Popen(
+                [str(bin_dir / "mlops-serve"), "--serving-dir", args.serving_dir, "--port", str(port), "--workers", "1"],
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 deadline = time.time() + 120
                 while True:
                     try:
-                        if http("GET", f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200: break
-                    except OSError: pass
-                    if server.poll() is not None or time.time() > deadline: raise SystemExit("the server did not start")
+                        if http("GET", f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200:
+                            break
+                    except OSError:
+                        pass
+                    if server.poll() is not None or time.time() > deadline:
+                        raise SystemExit("the server did not start")
                     time.sleep(0.3)
                 health = json.loads(http("GET", f"http://127.0.0.1:{port}/health")[2])
                 at_start = proc_stats(server.pid)
@@ -130,20 +158,35 @@ def main() -> None:
                 slices, wrong = asyncio.run(soak(port, server.pid, args.requests, args.concurrency, args.slice))
                 wall = time.perf_counter() - t0
             finally:
-                server.terminate(); server.wait(timeout=30)
+                server.terminate()
+                server.wait(timeout=30)
         logged = sum(1 for line in log.read_text().splitlines() if '"request_id"' in line and '"/predict"' in line)
     growth = slices[-1]["rss_mb"] / slices[0]["rss_mb"] - 1
     result = {
         "what": "soak: one mlops-serve worker, mixed valid (4/5) and invalid (1/5) POST /predict bodies, fixed concurrency, keep-alive",
         "date": dt.date.today().isoformat(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "note": "the client (one asyncio process) and the server share the cores"},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "note": "the client (one asyncio process) and the server share the cores",
+        },
         "model": {"version": health["model"]["version"], "variant": health["model"]["variant"]},
-        "requests": args.requests, "concurrency": args.concurrency, "slice": args.slice, "wall_s": round(wall, 1),
-        "at_start": at_start, "slices": slices, "wrong_answers": wrong, "log_lines": logged,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "slice": args.slice,
+        "wall_s": round(wall, 1),
+        "at_start": at_start,
+        "slices": slices,
+        "wrong_answers": wrong,
+        "log_lines": logged,
         "rss_growth_first_to_last_slice": round(growth, 4),
-        "targets": {"rss_within_10_percent": abs(growth) <= 0.10, "no_error_to_valid_requests": wrong["valid_not_200"] == 0,
-                    "every_invalid_request_got_its_4xx": wrong["invalid_wrong_status"] == 0, "one_log_line_per_request": logged == args.requests},
+        "targets": {
+            "rss_within_10_percent": abs(growth) <= 0.10,
+            "no_error_to_valid_requests": wrong["valid_not_200"] == 0,
+            "every_invalid_request_got_its_4xx": wrong["invalid_wrong_status"] == 0,
+            "one_log_line_per_request": logged == args.requests,
+        },
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("wall_s", "rss_growth_first_to_last_slice", "targets")}, indent=1))

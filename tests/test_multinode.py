@@ -1,4 +1,5 @@
 """Multi-node training: the node environment is checked first, and two nodes (two processes on this host) train one model."""
+
 import math
 import os
 import subprocess
@@ -6,27 +7,44 @@ import subprocess
 import pytest
 
 from mlops_basics.core.artifacts import read_metadata
-from mlops_basics.training.multinode import NODE_VARIABLES, start_node
 from mlops_basics.devtools.test_utils import BIN, TINY_TRAIN, free_port, run_cli
+from mlops_basics.training.multinode import NODE_VARIABLES, start_node
 
 
-@pytest.mark.parametrize("env, message", [
-    ({}, "trainer.num_nodes=2 needs MASTER_ADDR, MASTER_PORT, NODE_RANK in the environment"),
-    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "NODE_RANK": "2"}, "NODE_RANK must be 0 to 1, got '2'"),
-    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "port", "NODE_RANK": "0"}, "MASTER_PORT must be a port number, got 'port'"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "trainer.num_nodes=2 needs MASTER_ADDR, MASTER_PORT, NODE_RANK in the environment"),
+        ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "NODE_RANK": "2"}, "NODE_RANK must be 0 to 1, got '2'"),
+        ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "port", "NODE_RANK": "0"}, "MASTER_PORT must be a port number, got 'port'"),
+    ],
+)
 def test_a_node_without_its_environment_stops_at_once(tmp_path, env, message):
     "A node that would wait for peers that never come fails before loading anything, with the reason."
     clean = {k: v for k, v in os.environ.items() if k not in NODE_VARIABLES}
-    proc = subprocess.run([str(BIN/"mlops-train"), *TINY_TRAIN, "trainer=ddp_multinode_cpu", f"paths.root={tmp_path}"], cwd=tmp_path,
-                          env={**clean, **env}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "mlops-train"), *TINY_TRAIN, "trainer=ddp_multinode_cpu", f"paths.root={tmp_path}"],
+        cwd=tmp_path,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path/"model").exists()
+    assert not (tmp_path / "model").exists()
 
 
 def test_a_node_needs_a_ddp_strategy(tmp_path):
-    proc = run_cli("mlops-train", *TINY_TRAIN, "trainer=ddp_multinode_cpu", "trainer.strategy=auto", f"paths.root={tmp_path}", cwd=tmp_path,
-                   env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "NODE_RANK": "0"}, timeout=300)
+    proc = run_cli(
+        "mlops-train",
+        *TINY_TRAIN,
+        "trainer=ddp_multinode_cpu",
+        "trainer.strategy=auto",
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "NODE_RANK": "0"},
+        timeout=300,
+    )
     assert proc.returncode == 2 and "trainer.num_nodes=2 needs a ddp strategy, got trainer.strategy='auto'" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -34,17 +52,31 @@ def test_a_node_needs_a_ddp_strategy(tmp_path):
 def test_two_nodes_train_one_model(tmp_path):
     "Node 0 and node 1, each with a directory of its own: they split every epoch, and only global rank 0 writes the model."
     port = free_port()
-    nodes = [start_node(rank, port, [*TINY_TRAIN, "trainer=ddp_multinode_cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=0.05",
-                                     f"paths.root={tmp_path/f'node{rank}'}"], cwd=tmp_path) for rank in (0, 1)]
+    nodes = [
+        start_node(
+            rank,
+            port,
+            [
+                *TINY_TRAIN,
+                "trainer=ddp_multinode_cpu",
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=0.05",
+                f"paths.root={tmp_path / f'node{rank}'}",
+            ],
+            cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=900)[0] for node in nodes]
     assert [n.returncode for n in nodes] == [0, 0], [o[-3000:] for o in outputs]
     assert "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2" in outputs[0]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
     assert "validation MCC" in outputs[0] and "validation MCC" not in outputs[1]
-    assert not (tmp_path/"node1"/"model").exists()
-    meta = read_metadata(tmp_path/"node0"/"model")
+    assert not (tmp_path / "node1" / "model").exists()
+    meta = read_metadata(tmp_path / "node0" / "model")
     assert (meta["config"]["trainer"]["num_nodes"], meta["config"]["trainer"]["devices"]) == (2, 1)
     from mlops_basics.training.negatives import negatives_for
+
     n, batch_size = 8551 + negatives_for(8551, meta["config"]["data"]["synthetic_negatives"]), meta["config"]["data"]["batch_size"]
     one_process, per_rank = math.ceil(n / batch_size), math.ceil(math.ceil(n / 2) / batch_size)
     assert int(0.05 * one_process) != int(0.05 * per_rank)

@@ -1,4 +1,5 @@
 """Every notebook runs top to bottom under nbdev_test (its examples are its tests); slow cells run in slow tests."""
+
 import json
 import subprocess
 from pathlib import Path
@@ -8,13 +9,12 @@ import pytest
 from conftest import ROOT
 from mlops_basics.devtools.test_utils import BIN
 
-NOTEBOOKS = sorted(p for p in (ROOT/"nbs").glob("*.ipynb") if not p.name.startswith("_"))
+NOTEBOOKS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith("_"))
 
 
 def has_flag(notebook: Path, flag: str) -> bool:
     cells = json.loads(notebook.read_text())["cells"]
-    return any(cell["cell_type"] == "code" and any(line.strip() == f"#| {flag}" for line in "".join(cell["source"]).splitlines())
-               for cell in cells)
+    return any(cell["cell_type"] == "code" and any(line.strip() == f"#| {flag}" for line in "".join(cell["source"]).splitlines()) for cell in cells)
 
 
 # Pages whose framework cannot share .venv (its pins clash with constraints.txt) run in their own environment.
@@ -22,8 +22,13 @@ OWN_VENV = {"13_orchestration": "prefect_python"}
 
 
 def nbdev_test(notebook: Path, *flags: str, bin_dir: Path = BIN):
-    proc = subprocess.run([str(bin_dir/"nbdev_test"), "--path", str(notebook), "--n_workers", "0", *(["--flags", " ".join(flags)] if flags else [])],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [str(bin_dir / "nbdev_test"), "--path", str(notebook), "--n_workers", "0", *(["--flags", " ".join(flags)] if flags else [])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, f"{notebook.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
 
 
@@ -56,5 +61,5 @@ def test_notebooks_are_clean_tutorial_pages():
 
 def test_scaffolding_is_hidden():
     "Test imports, the IN_TEST switch, environment set-up and cells of checks only carry `#| hide` (tools/hide_scaffolding.py)."
-    proc = subprocess.run([str(BIN/"python"), "tools/hide_scaffolding.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([str(BIN / "python"), "tools/hide_scaffolding.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"run `python tools/hide_scaffolding.py` and commit:\n{proc.stdout}"

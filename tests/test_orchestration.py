@@ -4,6 +4,7 @@ registry; a push that fails once as a flaky network would and is retried; an unc
 quality gate that stops before any push or release; an unhealthy canary rolled back; drift that starts the retrain deployment of
 prefect.yaml. Prefect's pins clash with .venv's, so the flows run in
 .venv-prefect (mlops_basics.devtools.orchestration_driver) and these tests read what the API recorded."""
+
 import json
 import os
 import subprocess
@@ -14,9 +15,19 @@ import pytest
 
 from conftest import ROOT
 from mlops_basics.devtools.containers import containers_conf
+from mlops_basics.devtools.rehearsal import (
+    AWS_ENV,
+    REGION,
+    alias_state,
+    fail_once,
+    lambda_function,
+    lambda_traffic,
+    registry_server,
+    registry_tags,
+    tiny_pipeline_repo,
+    traffic_log,
+)
 from mlops_basics.devtools.test_utils import BIN
-from mlops_basics.devtools.rehearsal import (AWS_ENV, REGION, alias_state, fail_once, lambda_function, lambda_traffic, registry_server, registry_tags,
-                       tiny_pipeline_repo, traffic_log)
 
 pytestmark = pytest.mark.slow
 DRIVER = ["-m", "mlops_basics.devtools.orchestration_driver"]  # run with .venv-prefect's Python
@@ -27,33 +38,45 @@ FUNCTION = f"mlops-basics-{uuid.uuid4().hex[:6]}"
 def prefect_api(prefect_python, tmp_path_factory):
     "A real Prefect server (its own SQLite under a temporary PREFECT_HOME); yields the environment that points flows at it."
     home = tmp_path_factory.mktemp("prefect")
-    server = subprocess.Popen([str(prefect_python), *DRIVER, json.dumps({"serve": str(home)})], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [str(prefect_python), *DRIVER, json.dumps({"serve": str(home)})], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         url = json.loads(server.stdout.readline() or "null")
-        assert url, f"the Prefect server did not start: {(home/'server.log').read_text()[-3000:] if (home/'server.log').exists() else ''}"
-        yield {"PREFECT_API_URL": url, "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home/"storage")}
+        assert url, f"the Prefect server did not start: {(home / 'server.log').read_text()[-3000:] if (home / 'server.log').exists() else ''}"
+        yield {"PREFECT_API_URL": url, "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage")}
     finally:
-        server.stdin.close(); server.wait(timeout=60)
+        server.stdin.close()
+        server.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
 def world(prefect_api, prefect_python, moto_server, tmp_path_factory):
     "The rehearsal: a tiny pipeline repository, a registry, a Lambda function with version 1 live, and how to run the driver."
     work = tmp_path_factory.mktemp("orchestration")
-    repo = tiny_pipeline_repo(work/"repo", str(BIN))
+    repo = tiny_pipeline_repo(work / "repo", str(BIN))
     env = {**AWS_ENV, **prefect_api, "AWS_ENDPOINT_URL": moto_server, "MLOPS_LAMBDA_FUNCTION": FUNCTION, "CONTAINERS_CONF": str(containers_conf())}
     lambda_function(moto_server, FUNCTION)
 
     def drive(request: dict, timeout: float = 600):
-        proc = subprocess.run([str(prefect_python), *DRIVER, json.dumps(request)], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **env})
+        proc = subprocess.run(
+            [str(prefect_python), *DRIVER, json.dumps(request)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
+        )
         assert proc.returncode == 0, f"{request}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    with registry_server(work/"registry") as registry:
-        rehearsal = dict(repo=str(repo), remote="local", image="localhost/mlops-basics-orchestration", build="mlops_basics.devtools.rehearsal:podman_import_build",
-                         registry=registry, insecure_registry=True, canary_pause_s=0, retry_delay_s=0, tools=str(BIN))
+    with registry_server(work / "registry") as registry:
+        rehearsal = dict(
+            repo=str(repo),
+            remote="local",
+            image="localhost/mlops-basics-orchestration",
+            build="mlops_basics.devtools.rehearsal:podman_import_build",
+            registry=registry,
+            insecure_registry=True,
+            canary_pause_s=0,
+            retry_delay_s=0,
+            tools=str(BIN),
+        )
         yield {"repo": repo, "work": work, "registry": registry, "moto": moto_server, "drive": drive, "rehearsal": rehearsal}
 
 
@@ -65,7 +88,7 @@ def tasks_of(history: list, flow_run_id: str) -> dict:
 
 def test_retrain_end_to_end_retries_a_transient_fault(world):
     "The whole flow on the tiny model: the first `dvc push` fails as a flaky network would, is retried, and the canary is promoted."
-    flaky = fail_once(world["work"]/"flaky", "dvc", "push", str(BIN))
+    flaky = fail_once(world["work"] / "flaky", "dvc", "push", str(BIN))
     lambda_traffic(world["moto"], FUNCTION, {"2": (300, 1), "1": (2700, 8)})  # CloudWatch: version 2 (the canary) is healthy
     ran = world["drive"]({"run": "retrain", "parameters": {**world["rehearsal"], "behaviour_thresholds": {}, "tools": f"{flaky}{os.pathsep}{BIN}"}})
     assert ran["state"] == "Completed", ran["message"]
@@ -74,15 +97,25 @@ def test_retrain_end_to_end_retries_a_transient_fault(world):
     assert result["release"] == {"version": "2", "outcome": "promoted", "alias": {"stable": "2", "canary": None, "weight": 0.0}}
     assert alias_state(world["moto"], FUNCTION) == ("2", {})
     assert registry_tags(world["registry"]) == [result["model_version"]]
-    assert result["image_uri"].split("@")[1] in boto3.client("lambda", endpoint_url=world["moto"], region_name=REGION).get_function(
-        FunctionName=FUNCTION, Qualifier="2")["Code"]["ImageUri"]
-    assert any((world["work"]/"repo-remote").rglob("*")), "dvc push wrote nothing to the local remote"
+    assert (
+        result["image_uri"].split("@")[1]
+        in boto3.client("lambda", endpoint_url=world["moto"], region_name=REGION).get_function(FunctionName=FUNCTION, Qualifier="2")["Code"][
+            "ImageUri"
+        ]
+    )
+    assert any((world["work"] / "repo-remote").rglob("*")), "dvc push wrote nothing to the local remote"
 
     tasks = tasks_of(world["drive"]({"history": ["retrain"]}), ran["flow_run_id"])
     assert list(tasks) == ["fetch data", "dvc repro", "quality gate", "dvc push", "build image", "push image", "canary release"]
     assert {name: (t["state"], t["run_count"]) for name, t in tasks.items()} == {
-        "fetch data": ("Completed", 1), "dvc repro": ("Completed", 1), "quality gate": ("Completed", 1), "dvc push": ("Completed", 2),
-        "build image": ("Completed", 1), "push image": ("Completed", 1), "canary release": ("Completed", 1)}
+        "fetch data": ("Completed", 1),
+        "dvc repro": ("Completed", 1),
+        "quality gate": ("Completed", 1),
+        "dvc push": ("Completed", 2),
+        "build image": ("Completed", 1),
+        "push image": ("Completed", 1),
+        "canary release": ("Completed", 1),
+    }
 
 
 def versions(world) -> list[str]:
@@ -105,21 +138,32 @@ def test_a_failed_quality_gate_stops_before_the_release(world):
     repo = world["repo"]
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "release"], cwd=repo, check=True)
-    before = (alias_state(world["moto"], FUNCTION), registry_tags(world["registry"]), versions(world),
-              sorted(str(p) for p in (world["work"]/"repo-remote").rglob("*")))
+    before = (
+        alias_state(world["moto"], FUNCTION),
+        registry_tags(world["registry"]),
+        versions(world),
+        sorted(str(p) for p in (world["work"] / "repo-remote").rglob("*")),
+    )
     ran = world["drive"]({"run": "retrain", "parameters": world["rehearsal"]})
     assert ran["state"] == "Failed" and "QualityGateFailed" in ran["message"] and "mft_acceptable pass rate" in ran["message"], ran["message"]
     tasks = tasks_of(world["drive"]({"history": ["retrain"]}), ran["flow_run_id"])
     assert {name: (t["state"], t["run_count"]) for name, t in tasks.items()} == {
-        "fetch data": ("Completed", 1), "dvc repro": ("Completed", 1), "quality gate": ("Failed", 1)}  # a real failure is not retried
-    after = (alias_state(world["moto"], FUNCTION), registry_tags(world["registry"]), versions(world),
-             sorted(str(p) for p in (world["work"]/"repo-remote").rglob("*")))
+        "fetch data": ("Completed", 1),
+        "dvc repro": ("Completed", 1),
+        "quality gate": ("Failed", 1),
+    }  # a real failure is not retried
+    after = (
+        alias_state(world["moto"], FUNCTION),
+        registry_tags(world["registry"]),
+        versions(world),
+        sorted(str(p) for p in (world["work"] / "repo-remote").rglob("*")),
+    )
     assert after == before
 
 
 def test_an_unhealthy_canary_is_rolled_back(world):
     "Another learning rate gives another model; CloudWatch shows its canary failing 10% of requests: the alias goes back to version 2."
-    params = world["repo"]/"params.yaml"
+    params = world["repo"] / "params.yaml"
     params.write_text(params.read_text().replace("learning_rate: 5.0e-05", "learning_rate: 0.0002"))
     lambda_traffic(world["moto"], FUNCTION, {"3": (300, 30), "2": (2700, 5)})
     # The MCC gate is not what this test is about: a tiny random model's MCC moves by chance with the learning rate.
@@ -133,25 +177,35 @@ def test_an_unhealthy_canary_is_rolled_back(world):
 
 
 def test_prefect_yaml_deployments_register_with_their_schedules(world):
-    held = world["drive"]({"apply": str(ROOT/"prefect.yaml")})
+    held = world["drive"]({"apply": str(ROOT / "prefect.yaml")})
     assert [(d["name"], d["crons"], d["timezones"]) for d in held] == [("weekly", ["0 4 * * 1"], ["UTC"]), ("hourly", ["15 * * * *"], ["UTC"])]
     assert [d["entrypoint"].rsplit(":", 1)[1] for d in held] == ["retrain_flow", "monitor_flow"]
     assert held[1]["parameters"]["retrain_deployment"] == "retrain/weekly"
     import yaml
-    retrain_cron = yaml.safe_load((ROOT/".github"/"workflows"/"retrain.yml").read_text())[True]["schedule"][0]["cron"]  # YAML 1.1: on is True
+
+    retrain_cron = yaml.safe_load((ROOT / ".github" / "workflows" / "retrain.yml").read_text())[True]["schedule"][0]["cron"]  # YAML 1.1: on is True
     assert held[0]["crons"] == [retrain_cron]
 
 
 def test_drift_starts_the_retrain_deployment_once(world):
     "Shifted traffic fails the drift report, and the monitor starts retrain/weekly; a second run on the same log is served from the cache."
     import numpy as np
+
     from mlops_basics.core.data import load_cola
     from mlops_basics.ops.drift import corrupt
+
     rng = np.random.default_rng(0)
-    serving_dir = world["repo"]/"artifacts"/"serving"
-    log = traffic_log(serving_dir, [corrupt(e.sentence, rng) for e in load_cola().validation[:120]], world["work"]/"app.log", str(BIN))
-    watch = {"logs": str(log), "serving_dir": str(serving_dir), "work_dir": str(world["work"]/"monitor"), "reference_sample": 300,
-             "tools": str(BIN), "retry_delay_s": 0, "retrain_parameters": world["rehearsal"]}
+    serving_dir = world["repo"] / "artifacts" / "serving"
+    log = traffic_log(serving_dir, [corrupt(e.sentence, rng) for e in load_cola().validation[:120]], world["work"] / "app.log", str(BIN))
+    watch = {
+        "logs": str(log),
+        "serving_dir": str(serving_dir),
+        "work_dir": str(world["work"] / "monitor"),
+        "reference_sample": 300,
+        "tools": str(BIN),
+        "retry_delay_s": 0,
+        "retrain_parameters": world["rehearsal"],
+    }
     first = world["drive"]({"run": "monitor", "parameters": watch})
     assert first["state"] == "Completed", first["message"]
     assert "input.oov" in first["result"]["failed"] and first["result"]["shipped"]["predictions"] == 120
@@ -165,6 +219,12 @@ def test_drift_starts_the_retrain_deployment_once(world):
     assert "drift" in retrain["tags"] and retrain["parameters"]["repo"] == str(world["repo"])
     assert sum(1 for r in history if r["flow"] == "retrain" and r["deployment_id"]) == 1
     assert {n: t["state"] for n, t in tasks_of(history, first["flow_run_id"]).items()} == {
-        "ship logs": "Completed", "reference profile": "Completed", "drift report": "Completed"}
+        "ship logs": "Completed",
+        "reference profile": "Completed",
+        "drift report": "Completed",
+    }
     assert {n: t["state"] for n, t in tasks_of(history, second["flow_run_id"]).items()} == {
-        "ship logs": "Completed", "reference profile": "Cached", "drift report": "Cached"}
+        "ship logs": "Completed",
+        "reference profile": "Cached",
+        "drift report": "Cached",
+    }

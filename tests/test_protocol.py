@@ -1,5 +1,6 @@
 """The Open Inference Protocol (KServe v2) from outside: `mlops-serve` over real HTTP asked by Triton's own client and by the
 protocol's raw JSON examples, the Lambda handler, and the same predictor inside Seldon's MLServer (its own environment)."""
+
 import base64
 import copy
 import json
@@ -10,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from test_serving import raw_post  # a POST that tolerates the server answering 413 before the body is sent
 from tritonclient.utils import InferenceServerException
 
 from conftest import ROOT
-from test_serving import raw_post  # a POST that tolerates the server answering 413 before the body is sent
 from mlops_basics.devtools.test_utils import free_port, http, running_server, serve
 
 JSON = {"Content-Type": "application/json"}
@@ -24,9 +25,11 @@ EXAMPLE = {"id": "42", "inputs": [{"name": "text", "shape": [2], "datatype": "BY
 @pytest.fixture(scope="module")
 def protocol_server(serving_dir, tmp_path_factory):
     "`mlops-serve` with two models (blue: fp32, green: int8) and at most 8 sentences per request; yields its base URL."
-    log = tmp_path_factory.mktemp("protocol")/"stdout.log"
-    with serve("--model", f"blue={serving_dir}@fp32", "--model", f"green={serving_dir}@int8", "--max-batch", "8", "--max-chars", "200",
-               log=log) as url: yield url
+    log = tmp_path_factory.mktemp("protocol") / "stdout.log"
+    with serve(
+        "--model", f"blue={serving_dir}@fp32", "--model", f"green={serving_dir}@int8", "--max-batch", "8", "--max-chars", "200", log=log
+    ) as url:
+        yield url
 
 
 def post_json(url: str, body, headers: dict | None = None) -> tuple[int, dict, dict]:
@@ -56,8 +59,13 @@ def model_labels(url: str) -> list[str]:
 def metric(exposition: str, name: str, **labels) -> float:
     "The value of one sample of the Prometheus text `exposition` (0 when it is absent)."
     from prometheus_client.parser import text_string_to_metric_families
-    return sum(s.value for f in text_string_to_metric_families(exposition) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(exposition)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary tensors", "JSON tensors"])
@@ -74,7 +82,10 @@ def test_tritonclient_sees_ready_models_and_answers_equal_to_predict(protocol_se
             meta = client.get_model_metadata(name)
             assert meta["versions"] == [health["models"][name]["version"]] and meta["platform"] == "onnxruntime_onnx"
             assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-            assert meta["outputs"] == [{"name": "label", "datatype": "BYTES", "shape": [-1]}, {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}]
+            assert meta["outputs"] == [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
+            ]
             text = triton.InferInput("text", [len(SENTENCES)], "BYTES")
             text.set_data_from_numpy(np.array(SENTENCES, dtype=object), binary_data=binary)
             outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("label", "probabilities")]
@@ -84,9 +95,13 @@ def test_tritonclient_sees_ready_models_and_answers_equal_to_predict(protocol_se
             assert result.as_numpy("probabilities").dtype == np.float32 and result.as_numpy("probabilities").shape == (len(SENTENCES), 2)
             assert_same_as_predict(result.as_numpy("label"), result.as_numpy("probabilities"), predict(url, SENTENCES, name), model_labels(url))
             by_version = client.infer(name, [text], model_version=meta["versions"][0])  # no outputs named: all of them, binary
-            assert_same_as_predict(by_version.as_numpy("label"), by_version.as_numpy("probabilities"), predict(url, SENTENCES, name), model_labels(url))
-        with pytest.raises(InferenceServerException, match="model 'blue' has no version 'v9'"): client.infer("blue", [text], model_version="v9")
-        with pytest.raises(InferenceServerException, match="unknown model 'red'"): client.get_model_metadata("red")
+            assert_same_as_predict(
+                by_version.as_numpy("label"), by_version.as_numpy("probabilities"), predict(url, SENTENCES, name), model_labels(url)
+            )
+        with pytest.raises(InferenceServerException, match="model 'blue' has no version 'v9'"):
+            client.infer("blue", [text], model_version="v9")
+        with pytest.raises(InferenceServerException, match="unknown model 'red'"):
+            client.get_model_metadata("red")
         assert not client.is_model_ready("blue", model_version="v9")
     finally:
         client.close()
@@ -94,14 +109,20 @@ def test_tritonclient_sees_ready_models_and_answers_equal_to_predict(protocol_se
 
 def test_raw_json_examples_of_the_protocol(protocol_server):
     url = protocol_server
-    assert [json.loads(http("GET", f"{url}{p}")[2]) for p in ("/v2/health/live", "/v2/health/ready", "/v2/models/green/ready")] == \
-        [{"live": True}, {"ready": True}, {"name": "green", "ready": True}]
+    assert [json.loads(http("GET", f"{url}{p}")[2]) for p in ("/v2/health/live", "/v2/health/ready", "/v2/models/green/ready")] == [
+        {"live": True},
+        {"ready": True},
+        {"name": "green", "ready": True},
+    ]
     status, headers, answer = post_json(f"{url}/v2/models/green/infer", EXAMPLE)
     assert status == 200 and headers["content-type"] == "application/json" and headers["x-model"] == "green"
     assert (answer["model_name"], answer["id"]) == ("green", "42")
     assert [(o["name"], o["datatype"], o["shape"]) for o in answer["outputs"]] == [("label", "BYTES", [2]), ("probabilities", "FP32", [2, 2])]
     assert_same_as_predict(answer["outputs"][0]["data"], answer["outputs"][1]["data"], predict(url, SENTENCES[:2], "green"), model_labels(url))
-    nested = {"inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [[s] for s in SENTENCES[:2]]}], "outputs": [{"name": "probabilities"}]}
+    nested = {
+        "inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [[s] for s in SENTENCES[:2]]}],
+        "outputs": [{"name": "probabilities"}],
+    }
     status, _, only = post_json(f"{url}/v2/models/green/infer", nested)
     assert status == 200 and [o["name"] for o in only["outputs"]] == ["probabilities"] and only["outputs"][1:] == []
     assert only["outputs"][0]["data"] == answer["outputs"][1]["data"]
@@ -119,22 +140,45 @@ def test_binary_outputs_follow_the_json_header(protocol_server):
     assert "data" not in label and label["parameters"]["binary_data_size"] + probabilities["parameters"]["binary_data_size"] == len(blobs)
     labels, at = [], 0
     while at < label["parameters"]["binary_data_size"]:
-        n = int.from_bytes(blobs[at:at + 4], "little"); labels.append(blobs[at + 4:at + 4 + n].decode()); at += 4 + n
+        n = int.from_bytes(blobs[at : at + 4], "little")
+        labels.append(blobs[at + 4 : at + 4 + n].decode())
+        at += 4 + n
     assert_same_as_predict(labels, np.frombuffer(blobs[at:], dtype="<f4"), predict(url, SENTENCES[:2], "blue"), model_labels(url))
 
 
-@pytest.mark.parametrize("path, body, status, message", [
-    ("/v2/models/red/infer", EXAMPLE, 404, "unknown model 'red': this server has blue, green"),
-    ("/v2/models/blue/versions/v9/infer", EXAMPLE, 404, "model 'blue' has no version 'v9'"),
-    ("/v2/models/blue/infer", {"inputs": [{"name": "text", "shape": [9], "datatype": "BYTES", "data": ["Hi."] * 9}]}, 400,
-     "input 'text': 1 to 8 sentences per request, got 9"),
-    ("/v2/models/blue/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x" * 201]}]}, 400,
-     "input 'text': sentence 0 is longer than 200 characters"),
-    ("/v2/models/blue/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "INT64", "data": [1]}]}, 400, "input 'text' must be BYTES, got INT64"),
-    ("/v2/models/blue/infer", {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": ["a"]}]}, 400,
-     "input 'text': shape [3] does not match its 1 elements"),
-    ("/v2/models/blue/infer", {"input": []}, 400, "invalid inference request: inputs: Field required"),
-], ids=["unknown model", "unknown version", "too many sentences", "sentence too long", "wrong datatype", "wrong shape", "no inputs"])
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v2/models/red/infer", EXAMPLE, 404, "unknown model 'red': this server has blue, green"),
+        ("/v2/models/blue/versions/v9/infer", EXAMPLE, 404, "model 'blue' has no version 'v9'"),
+        (
+            "/v2/models/blue/infer",
+            {"inputs": [{"name": "text", "shape": [9], "datatype": "BYTES", "data": ["Hi."] * 9}]},
+            400,
+            "input 'text': 1 to 8 sentences per request, got 9",
+        ),
+        (
+            "/v2/models/blue/infer",
+            {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x" * 201]}]},
+            400,
+            "input 'text': sentence 0 is longer than 200 characters",
+        ),
+        (
+            "/v2/models/blue/infer",
+            {"inputs": [{"name": "text", "shape": [1], "datatype": "INT64", "data": [1]}]},
+            400,
+            "input 'text' must be BYTES, got INT64",
+        ),
+        (
+            "/v2/models/blue/infer",
+            {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": ["a"]}]},
+            400,
+            "input 'text': shape [3] does not match its 1 elements",
+        ),
+        ("/v2/models/blue/infer", {"input": []}, 400, "invalid inference request: inputs: Field required"),
+    ],
+    ids=["unknown model", "unknown version", "too many sentences", "sentence too long", "wrong datatype", "wrong shape", "no inputs"],
+)
 def test_errors_have_the_protocol_shape(protocol_server, path, body, status, message):
     got, _, answer = post_json(protocol_server + path, body)
     assert got == status and list(answer) == ["error"] and answer["error"].startswith(message), answer
@@ -168,8 +212,10 @@ def test_the_lambda_handler_speaks_the_protocol(serving_dir, monkeypatch):
     "API Gateway (HTTP API) events for the /v2 routes reach the same app through the handler."
     monkeypatch.setenv("MLOPS_SERVING_DIR", str(serving_dir))
     from mlops_basics.serving import lambda_handler
+
     lambda_handler._runtime.clear()
-    event = json.loads((Path(__file__).parent/"events"/"apigw_v2.json").read_text())
+    event = json.loads((Path(__file__).parent / "events" / "apigw_v2.json").read_text())
+
     def call(method: str, path: str, body=None) -> tuple[int, dict]:
         e = copy.deepcopy(event)
         e.update(routeKey=f"{method} {path}", rawPath=path, body=json.dumps(body) if body is not None else None, isBase64Encoded=False)
@@ -177,11 +223,15 @@ def test_the_lambda_handler_speaks_the_protocol(serving_dir, monkeypatch):
         answer = lambda_handler.handler(e, None)
         payload = base64.b64decode(answer["body"]) if answer.get("isBase64Encoded") else answer["body"]
         return answer["statusCode"], json.loads(payload)
+
     try:
         assert call("GET", "/v2/models/main/ready") == (200, {"name": "main", "ready": True})
         status, answer = call("POST", "/v2/models/main/infer", EXAMPLE)
-        assert status == 200 and answer["model_name"] == "main" and answer["outputs"][0]["data"] == [
-            p["label"] for p in lambda_handler.handler({"sentences": SENTENCES[:2]}, None)["predictions"]]
+        assert (
+            status == 200
+            and answer["model_name"] == "main"
+            and answer["outputs"][0]["data"] == [p["label"] for p in lambda_handler.handler({"sentences": SENTENCES[:2]}, None)["predictions"]]
+        )
         assert call("POST", "/v2/models/other/infer", EXAMPLE) == (404, {"error": "unknown model 'other': this server has main"})
     finally:
         lambda_handler._runtime.clear()  # the next test that uses the handler builds its own app
@@ -192,18 +242,28 @@ def mlserver_bin() -> Path:
     "MLServer in its own environment (`make mlserver`: .venv-mlserver, made once and kept)."
     proc = subprocess.run(["make", "-s", "mlserver"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return ROOT/".venv-mlserver"/"bin"/"mlserver"
+    return ROOT / ".venv-mlserver" / "bin" / "mlserver"
 
 
 @pytest.fixture(scope="module")
 def mlserver_url(mlserver_bin, serving_dir, tmp_path_factory):
     "MLServer serving the tiny model (fp32, as the app's `blue`) as `cola` with `CoLARuntime` and adaptive batching on; yields its HTTP base URL."
     from mlops_basics.serving.mlserver import mlserver_repository
+
     work = tmp_path_factory.mktemp("mlserver")
     http_port = free_port()
-    repository = mlserver_repository(work/"repository", serving_dir, variant="fp32", threads=1, max_batch_size=8, max_batch_time=0.05,
-                                     http_port=http_port, grpc_port=free_port(), metrics_port=free_port())
-    with running_server([mlserver_bin, "start", repository], "/v2/models/cola/ready", http_port, work/"mlserver.log", cwd=work) as url:
+    repository = mlserver_repository(
+        work / "repository",
+        serving_dir,
+        variant="fp32",
+        threads=1,
+        max_batch_size=8,
+        max_batch_time=0.05,
+        http_port=http_port,
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    with running_server([mlserver_bin, "start", repository], "/v2/models/cola/ready", http_port, work / "mlserver.log", cwd=work) as url:
         yield url
 
 
@@ -216,10 +276,13 @@ def test_mlserver_runs_the_predictor_and_answers_as_the_app(mlserver_url, protoc
         result = client.infer("cola", [text], outputs=[triton.InferRequestedOutput(n, binary_data=False) for n in ("label", "probabilities")])
         blue = json.loads(http("GET", f"{protocol_server}/health")[2])["models"]["blue"]
         assert result.get_response()["model_version"] == blue["version"]
-        assert_same_as_predict(result.as_numpy("label"), result.as_numpy("probabilities"), predict(protocol_server, SENTENCES, "blue"), blue["labels"])
+        assert_same_as_predict(
+            result.as_numpy("label"), result.as_numpy("probabilities"), predict(protocol_server, SENTENCES, "blue"), blue["labels"]
+        )
         wrong = triton.InferInput("input_ids", [1], "INT64")
         wrong.set_data_from_numpy(np.array([1], dtype=np.int64), binary_data=False)
-        with pytest.raises(InferenceServerException, match="the model takes one input, 'text'"): client.infer("cola", [wrong])
+        with pytest.raises(InferenceServerException, match="the model takes one input, 'text'"):
+            client.infer("cola", [wrong])
     finally:
         client.close()
 
@@ -227,11 +290,16 @@ def test_mlserver_runs_the_predictor_and_answers_as_the_app(mlserver_url, protoc
 def test_mlserver_adaptive_batches_answer_each_request_its_own(mlserver_url, protocol_server):
     "Concurrent one-sentence requests, which MLServer may merge into one batch: each still gets its own sentence's answer (fp32: padding moves it by less than 1e-6)."
     expected = {s: predict(protocol_server, [s], "blue")[0] for s in SENTENCES}
+
     def ask(sentence: str) -> tuple[str, dict]:
-        status, _, answer = post_json(f"{mlserver_url}/v2/models/cola/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [sentence]}]})
+        status, _, answer = post_json(
+            f"{mlserver_url}/v2/models/cola/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [sentence]}]}
+        )
         assert status == 200, answer
         return sentence, answer
-    with ThreadPoolExecutor(8) as pool: answers = list(pool.map(ask, SENTENCES * 4))
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, SENTENCES * 4))
     labels = model_labels(protocol_server)
     for sentence, answer in answers:
         assert answer["outputs"][0]["shape"] == [1]

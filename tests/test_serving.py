@@ -1,5 +1,6 @@
 """The serving side from outside: `mlops-serve` over real HTTP, its page in Chromium, schemathesis, the Lambda handler,
 and a fresh virtual environment with only the serve extra."""
+
 import json
 import os
 import re
@@ -15,14 +16,14 @@ import pytest
 from conftest import ROOT
 from mlops_basics.devtools.test_utils import BIN, free_port, http, json_lines, run_cli, serve
 
-
 JSON = {"Content-Type": "application/json"}
 
 
 def test_predict_health_and_metrics_over_http(server):
     url, log = server
-    status, headers, body = http("POST", f"{url}/predict", json.dumps({"sentences": ["She sang.", "Sang she the."]}).encode(),
-                                 {**JSON, "X-Request-ID": "http-test-1"})
+    status, headers, body = http(
+        "POST", f"{url}/predict", json.dumps({"sentences": ["She sang.", "Sang she the."]}).encode(), {**JSON, "X-Request-ID": "http-test-1"}
+    )
     assert status == 200 and headers["x-request-id"] == "http-test-1"
     answer = json.loads(body)
     assert [round(sum(p["probabilities"].values()), 6) for p in answer["predictions"]] == [1.0, 1.0]
@@ -58,16 +59,20 @@ def raw_post(url: str, path: str, body: bytes, headers: dict, chunked: bool = Fa
     length = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(len(body))}
     head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Host": host, **length, "Connection": "close"}.items())
     if chunked:
-        pieces = [body[i:i + 65536] for i in range(0, len(body), 65536)]
+        pieces = [body[i : i + 65536] for i in range(0, len(body), 65536)]
         body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
-        try: sock.sendall(body)
-        except (BrokenPipeError, ConnectionResetError): pass  # the server has already answered
+        try:
+            sock.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server has already answered
         response = b""
         try:
-            while chunk := sock.recv(65536): response += chunk
-        except ConnectionResetError: pass
+            while chunk := sock.recv(65536):
+                response += chunk
+        except ConnectionResetError:
+            pass
     status_line, _, rest = response.partition(b"\r\n")
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
 
@@ -92,21 +97,33 @@ def test_chunked_body_over_the_limit_gets_413(server):
 
 class FailingSession:
     "Stands in for an ONNX Runtime session that has started to fail."
-    def run(self, *args, **kwargs): raise RuntimeError("the ONNX session failed")
+
+    def run(self, *args, **kwargs):
+        raise RuntimeError("the ONNX session failed")
 
 
 def test_predict_tokenizes_each_sentence_once(serving_dir):
     from fastapi.testclient import TestClient
-    from mlops_basics.serving.settings import ServeSettings
+
     from mlops_basics.serving.app import create_app
     from mlops_basics.serving.predictor import ONNXPredictor
+    from mlops_basics.serving.settings import ServeSettings
+
     predictor = ONNXPredictor(serving_dir, threads=1)
     client = TestClient(create_app(ServeSettings(serving_dir=str(serving_dir)), predictor=predictor))
     encoded = []
+
     class Counting:
-        def __init__(self, tokenizer): self.tokenizer = tokenizer
-        def encode_batch(self, sentences): encoded.extend(sentences); return self.tokenizer.encode_batch(sentences)
-        def __getattr__(self, name): return getattr(self.tokenizer, name)
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def encode_batch(self, sentences):
+            encoded.extend(sentences)
+            return self.tokenizer.encode_batch(sentences)
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
     predictor.tokenizer = Counting(predictor.tokenizer)
     response = client.post("/predict", json={"sentences": ["She sang.", "Sang she the.", "Hello 🦘"]})
     assert response.status_code == 200 and len(response.json()["predictions"]) == 3
@@ -116,12 +133,16 @@ def test_predict_tokenizes_each_sentence_once(serving_dir):
 def test_metadata_without_metrics_still_serves(serving_dir, tmp_path):
     "Validation metrics are optional in a serving directory: /health says None rather than failing."
     from fastapi.testclient import TestClient
-    from mlops_basics.serving.settings import ServeSettings
+
     from mlops_basics.serving.app import create_app
-    copy = tmp_path/"serving"; shutil.copytree(serving_dir, copy)
-    meta = json.loads((copy/"metadata.json").read_text())
-    for spec in meta["variants"].values(): spec.pop("metrics")
-    (copy/"metadata.json").write_text(json.dumps(meta))
+    from mlops_basics.serving.settings import ServeSettings
+
+    copy = tmp_path / "serving"
+    shutil.copytree(serving_dir, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    for spec in meta["variants"].values():
+        spec.pop("metrics")
+    (copy / "metadata.json").write_text(json.dumps(meta))
     client = TestClient(create_app(ServeSettings(serving_dir=str(copy))))
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["model"]["validation_mcc"] is None
@@ -130,14 +151,15 @@ def test_metadata_without_metrics_still_serves(serving_dir, tmp_path):
 
 
 def test_server_refuses_to_start_without_a_model(tmp_path):
-    proc = run_cli("mlops-serve", "--serving-dir", tmp_path/"missing", "--port", str(free_port()), timeout=60)
+    proc = run_cli("mlops-serve", "--serving-dir", tmp_path / "missing", "--port", str(free_port()), timeout=60)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
 def test_server_refuses_a_corrupt_model(serving_dir, tmp_path):
-    broken = tmp_path/"serving"; shutil.copytree(serving_dir, broken)
-    meta = json.loads((broken/"metadata.json").read_text())
-    model = broken/meta["variants"][meta["default_variant"]]["file"]
+    broken = tmp_path / "serving"
+    shutil.copytree(serving_dir, broken)
+    meta = json.loads((broken / "metadata.json").read_text())
+    model = broken / meta["variants"][meta["default_variant"]]["file"]
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     proc = run_cli("mlops-serve", "--serving-dir", broken, "--port", str(free_port()), timeout=60)
     assert proc.returncode == 2 and "does not match its metadata" in proc.stderr
@@ -146,9 +168,28 @@ def test_server_refuses_a_corrupt_model(serving_dir, tmp_path):
 def test_schemathesis_finds_no_server_errors(server, tmp_path):
     "Property-based requests generated from the OpenAPI schema: no 5xx, and responses match the schema."
     url = server[0]
-    proc = subprocess.run([str(BIN/"schemathesis"), "run", f"{url}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance",
-                           "--mode", "all", "--max-examples", "150", "--phases", "examples,coverage,fuzzing", "--seed", "1", "--no-color"],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            str(BIN / "schemathesis"),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "not_a_server_error,response_schema_conformance",
+            "--mode",
+            "all",
+            "--max-examples",
+            "150",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--seed",
+            "1",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
     assert generated and int(generated[1]) >= 100 and generated[1] == generated[2], proc.stdout[-2000:]
@@ -159,9 +200,19 @@ def test_page_in_headless_chromium(server):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     assert chromium, "Debian's chromium (or Chrome) is needed: .ci/system-packages installs it"
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                                     "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page()
             page.goto(server[0] + "/")
@@ -178,13 +229,14 @@ def test_page_in_headless_chromium(server):
 def test_lambda_handler_in_process(serving_dir, monkeypatch):
     monkeypatch.setenv("MLOPS_SERVING_DIR", str(serving_dir))
     from mlops_basics.serving import lambda_handler
+
     lambda_handler._runtime.clear()
     try:
-        events = Path(__file__).parent/"events"
+        events = Path(__file__).parent / "events"
         for name, status in (("apigw_v1.json", 200), ("apigw_v2.json", 200), ("function_url.json", 200)):
-            answer = lambda_handler.handler(json.loads((events/name).read_text()), None)
+            answer = lambda_handler.handler(json.loads((events / name).read_text()), None)
             assert answer["statusCode"] == status, (name, answer)
-        direct = lambda_handler.handler(json.loads((events/"direct.json").read_text()), None)
+        direct = lambda_handler.handler(json.loads((events / "direct.json").read_text()), None)
         assert len(direct["predictions"]) == 1 and direct["model_version"]
         assert lambda_handler.handler({"sentences": ["x" * 5000]}, None)["statusCode"] == 422
     finally:
@@ -194,10 +246,12 @@ def test_lambda_handler_in_process(serving_dir, monkeypatch):
 def test_lambda_direct_invocation_of_a_failing_model_raises(serving_dir):
     "A 5xx is the function's fault: a clear PredictFailed (a Lambda function error), not a JSONDecodeError or a 200."
     from mangum import Mangum
+
     from mlops_basics.serving import lambda_handler
-    from mlops_basics.serving.settings import ServeSettings
     from mlops_basics.serving.app import create_app
     from mlops_basics.serving.predictor import ONNXPredictor
+    from mlops_basics.serving.settings import ServeSettings
+
     predictor = ONNXPredictor(serving_dir, threads=1)
     app = create_app(ServeSettings(serving_dir=str(serving_dir)), predictor=predictor)
     predictor.session = FailingSession()
@@ -208,7 +262,7 @@ def test_lambda_direct_invocation_of_a_failing_model_raises(serving_dir):
             lambda_handler.handler({"sentence": "She sang."}, None)
         answer = json.loads(str(failed.value).partition(": ")[2])
         assert answer["detail"] == "internal error" and re.fullmatch(r"[0-9a-f]{32}", answer["request_id"])
-        http_answer = lambda_handler.handler(json.loads((Path(__file__).parent/"events"/"apigw_v2.json").read_text()), None)
+        http_answer = lambda_handler.handler(json.loads((Path(__file__).parent / "events" / "apigw_v2.json").read_text()), None)
         assert http_answer["statusCode"] == 500 and json.loads(http_answer["body"])["detail"] == "internal error"
     finally:
         lambda_handler._runtime.clear()
@@ -217,12 +271,14 @@ def test_lambda_direct_invocation_of_a_failing_model_raises(serving_dir):
 @pytest.mark.slow
 def test_serve_extra_alone_in_a_fresh_venv(serving_dir, tmp_path):
     "Build the wheel, install only [serve,lambda] into a new venv: predictor, app and handler work there without torch."
-    dist = tmp_path/"dist"
+    dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)], check=True)
-    venv = tmp_path/"venv"
+    venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     wheel = next(dist.glob("mlops_basics-*.whl"))
-    subprocess.run([str(venv/"bin"/"pip"), "install", "-q", "-c", str(ROOT/"constraints.txt"), f"{wheel}[serve,lambda]"], check=True, timeout=900)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"), f"{wheel}[serve,lambda]"], check=True, timeout=900
+    )
     probe = f"""
 import json, sys, time
 started = time.perf_counter()
@@ -241,11 +297,11 @@ from mlops_basics.serving.lambda_handler import handler
 assert handler({{"sentence": "Hi."}}, None)["predictions"]
 print(json.dumps({{"heavy": sorted({{'torch', 'transformers', 'pytorch_lightning', 'lightning', 'mlserver'}} & set(sys.modules)), "first_prediction_s": first}}))
 """
-    out = subprocess.run([str(venv/"bin"/"python"), "-c", probe], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
-    listed = subprocess.run([str(venv/"bin"/"pip"), "list", "--format=json"], capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=json"], capture_output=True, text=True, check=True).stdout
     names = {p["name"].lower() for p in json.loads(listed)}
     assert not names & {"torch", "transformers", "pytorch-lightning", "lightning"}
     size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
@@ -256,7 +312,7 @@ print(json.dumps({{"heavy": sorted({{'torch', 'transformers', 'pytorch_lightning
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_line_the_server_prints_is_json(serving_dir, tmp_path, workers):
     "stdout and stderr of `mlops-serve`, from start-up to shutdown, with good, bad and unknown requests in between: JSON lines only."
-    out, err = tmp_path/"stdout.log", tmp_path/"stderr.log"
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
     with serve("--serving-dir", serving_dir, "--workers", workers, log=out, errors=err) as url:
         assert http("POST", f"{url}/predict", json.dumps({"sentences": ["She sang."]}).encode(), JSON)[0] == 200
         assert http("POST", f"{url}/predict", b"{not json", JSON)[0] == 400
@@ -274,32 +330,51 @@ def test_every_line_the_server_prints_is_json(serving_dir, tmp_path, workers):
 def test_every_line_the_lambda_runtime_client_prints_is_json(serving_dir, tmp_path):
     "The handler under the real runtime client (awslambdaric, JSON log format as the image sets it), answering and failing: JSON lines only."
     from mlops_basics.devtools.lambda_runtime import LambdaRuntimeAPI
+
     def invoke(serving: Path, log: Path):
         with LambdaRuntimeAPI() as api, open(log, "wb") as out:
-            env = {**os.environ, "AWS_LAMBDA_RUNTIME_API": api.address, "AWS_LAMBDA_LOG_FORMAT": "JSON", "MLOPS_SERVING_DIR": str(serving),
-                   "MLOPS_THREADS": "1"}
-            proc = subprocess.Popen([sys.executable, "-m", "awslambdaric", "mlops_basics.serving.lambda_handler.handler"], stdout=out,
-                                    stderr=subprocess.STDOUT, env=env)
-            try: return api.invoke({"sentence": "She sang."}, timeout=120)
-            finally: proc.terminate(); proc.wait(timeout=30)
-    ok = invoke(serving_dir, tmp_path/"ok.log")
+            env = {
+                **os.environ,
+                "AWS_LAMBDA_RUNTIME_API": api.address,
+                "AWS_LAMBDA_LOG_FORMAT": "JSON",
+                "MLOPS_SERVING_DIR": str(serving),
+                "MLOPS_THREADS": "1",
+            }
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "awslambdaric", "mlops_basics.serving.lambda_handler.handler"], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+            try:
+                return api.invoke({"sentence": "She sang."}, timeout=120)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    ok = invoke(serving_dir, tmp_path / "ok.log")
     assert ok.kind == "response" and len(ok.payload["predictions"]) == 1, ok.payload
-    failed = invoke(tmp_path/"missing", tmp_path/"failed.log")  # the model cannot load: the invocation fails
+    failed = invoke(tmp_path / "missing", tmp_path / "failed.log")  # the model cannot load: the invocation fails
     assert failed.kind == "error" and failed.payload["errorType"] == "ArtifactsError", failed.payload
-    assert [r["status"] for r in json_lines((tmp_path/"ok.log").read_text(), "ok.log") if r.get("event") == "predict"] == [200]
-    errors = [r for r in json_lines((tmp_path/"failed.log").read_text(), "failed.log") if r.get("level") == "ERROR"]
+    assert [r["status"] for r in json_lines((tmp_path / "ok.log").read_text(), "ok.log") if r.get("event") == "predict"] == [200]
+    errors = [r for r in json_lines((tmp_path / "failed.log").read_text(), "failed.log") if r.get("level") == "ERROR"]
     assert errors and errors[0]["errorType"] == "ArtifactsError" and errors[0]["stackTrace"], errors  # the runtime client's own line
 
 
 def test_concurrent_requests_share_one_call_and_each_gets_its_own_answers(serving_dir, tmp_path):
     "Four requests (/predict and /v2 infer, 8 sentences in all) sent together are merged into one predictor call; each gets the answers it gets alone."
     from concurrent.futures import ThreadPoolExecutor
+
     from prometheus_client.parser import text_string_to_metric_families
+
     from mlops_basics.serving.predictor import ONNXPredictor
+
     alone = ONNXPredictor(serving_dir, "fp32", threads=1)
     labels = alone.labels
-    requests = [("predict", ["The book was read by the student."]), ("v2", ["Book the the read.", "She sang beautifully."]),
-                ("predict", ["Who do you think that left?", "John seems that is happy.", "The children are playing."]), ("v2", ["Mary left.", "Left Mary."])]
+    requests = [
+        ("predict", ["The book was read by the student."]),
+        ("v2", ["Book the the read.", "She sang beautifully."]),
+        ("predict", ["Who do you think that left?", "John seems that is happy.", "The children are playing."]),
+        ("v2", ["Mary left.", "Left Mary."]),
+    ]
+
     def ask(url: str, kind: str, sentences: list[str]) -> list[list[float]]:
         "The probabilities (in the order of the labels) the server answers for `sentences`."
         if kind == "predict":
@@ -310,15 +385,35 @@ def test_concurrent_requests_share_one_call_and_each_gets_its_own_answers(servin
         status, _, raw = http("POST", f"{url}/v2/models/main/infer", json.dumps(body).encode(), JSON)
         assert status == 200, raw
         flat = next(o for o in json.loads(raw)["outputs"] if o["name"] == "probabilities")["data"]
-        return [flat[i:i + len(labels)] for i in range(0, len(flat), len(labels))]
+        return [flat[i : i + len(labels)] for i in range(0, len(flat), len(labels))]
+
     def samples(url: str) -> dict[str, float]:
         exposition = http("GET", f"{url}/metrics")[2].decode()
-        return {s.name: s.value for f in text_string_to_metric_families(exposition) for s in f.samples
-                if s.name.startswith("mlops_batch_") and s.name.endswith(("_count", "_sum"))}
-    out, err = tmp_path/"stdout.log", tmp_path/"stderr.log"
+        return {
+            s.name: s.value
+            for f in text_string_to_metric_families(exposition)
+            for s in f.samples
+            if s.name.startswith("mlops_batch_") and s.name.endswith(("_count", "_sum"))
+        }
+
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
     # a long max_wait_ms and a call size of exactly the 8 sentences: the worker waits until all four requests are queued, whatever the timing
-    with serve("--serving-dir", serving_dir, "--variant", "fp32", "--batching", "on", "--max-batch-sentences", 8, "--max-wait-ms", 600_000, log=out, errors=err) as url:
-        with ThreadPoolExecutor(len(requests)) as pool: answers = list(pool.map(lambda r: ask(url, *r), requests))
+    with serve(
+        "--serving-dir",
+        serving_dir,
+        "--variant",
+        "fp32",
+        "--batching",
+        "on",
+        "--max-batch-sentences",
+        8,
+        "--max-wait-ms",
+        600_000,
+        log=out,
+        errors=err,
+    ) as url:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda r: ask(url, *r), requests))
         batches = samples(url)
     for (_, sentences), answer in zip(requests, answers):
         expected = [[p.probabilities[l] for l in labels] for p in alone.predict_with_stats(sentences)[0]]
@@ -335,21 +430,30 @@ def test_concurrent_requests_share_one_call_and_each_gets_its_own_answers(servin
 def test_a_failing_request_in_a_merged_call_fails_alone(serving_dir):
     "When one request of a merged call makes the model fail, the call is retried request by request: only that request gets the 500."
     from concurrent.futures import ThreadPoolExecutor
+
     from fastapi.testclient import TestClient
-    from mlops_basics.serving.settings import ServeSettings
+
     from mlops_basics.serving.app import create_app
     from mlops_basics.serving.predictor import ONNXPredictor
+    from mlops_basics.serving.settings import ServeSettings
+
     class Refusing(ONNXPredictor):
         "A real predictor that fails on one sentence, as a model that cannot take some input would."
+
         def predict_with_stats(self, sentences):
-            if "poison" in sentences: raise ValueError("the model cannot take this sentence")
+            if "poison" in sentences:
+                raise ValueError("the model cannot take this sentence")
             return super().predict_with_stats(sentences)
+
     predictor = Refusing(serving_dir, "fp32", threads=1)
     app = create_app(ServeSettings(serving_dir=str(serving_dir), batching=True, max_batch_sentences=3, max_wait_ms=600_000), predictor=predictor)
     with TestClient(app) as client:  # one event loop for all requests, as in a server
+
         def ask(sentence: str):
             return client.post("/predict", json={"sentences": [sentence]})
-        with ThreadPoolExecutor(3) as pool: fine, poisoned, also_fine = pool.map(ask, ["She sang.", "poison", "Sang she."])
+
+        with ThreadPoolExecutor(3) as pool:
+            fine, poisoned, also_fine = pool.map(ask, ["She sang.", "poison", "Sang she."])
         exposition = client.get("/metrics").text
     assert (fine.status_code, poisoned.status_code, also_fine.status_code) == (200, 500, 200)
     assert poisoned.json() == {"detail": "internal error", "request_id": poisoned.headers["x-request-id"]}

@@ -1,11 +1,12 @@
 """`mlops-sweep`: search spaces, storage errors, and workers that share one Optuna study in a real PostgreSQL."""
+
 import subprocess
 
 import pytest
 
 from mlops_basics.core.artifacts import read_metadata
-from mlops_basics.training.sweep import SweepError, best_overrides, load_space, local_postgres, open_study, trials_table
 from mlops_basics.devtools.test_utils import BIN, TINY_TRAIN, run_cli
+from mlops_basics.training.sweep import SweepError, best_overrides, load_space, local_postgres, open_study, trials_table
 
 TINY = [*TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.synthetic_negatives=0"]
 
@@ -13,7 +14,8 @@ TINY = [*TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "d
 @pytest.fixture(scope="module")
 def postgres():
     "A PostgreSQL server of its own for this module (Debian's postgresql package; .ci/system-packages installs it)."
-    with local_postgres() as url: yield url
+    with local_postgres() as url:
+        yield url
 
 
 def test_packaged_space_samples_known_settings():
@@ -21,27 +23,36 @@ def test_packaged_space_samples_known_settings():
     assert space.n_trials == 12 and space.params["training.learning_rate"] == {"type": "float", "low": 1e-5, "high": 2e-4, "log": True}
 
 
-@pytest.mark.parametrize("yaml, message", [
-    ("params:\n  training.lr: {type: float, low: 1.0e-5, high: 1.0e-4}\n", "training.lr: not a setting of mlops-train"),
-    ("params:\n  training.seed: {type: integer, low: 1, high: 5}\n", "type must be float, int or categorical, got 'integer'"),
-    ("params:\n  training.seed: {type: int, low: 5, high: 5}\n", "needs numbers low < high, got 5, 5"),
-    ("n_trials: -1\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n", "n_trials must be a positive integer, got -1"),
-    ("n_trials: 3\n", "params: the space samples nothing"),
-])
+@pytest.mark.parametrize(
+    "yaml, message",
+    [
+        ("params:\n  training.lr: {type: float, low: 1.0e-5, high: 1.0e-4}\n", "training.lr: not a setting of mlops-train"),
+        ("params:\n  training.seed: {type: integer, low: 1, high: 5}\n", "type must be float, int or categorical, got 'integer'"),
+        ("params:\n  training.seed: {type: int, low: 5, high: 5}\n", "needs numbers low < high, got 5, 5"),
+        ("n_trials: -1\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n", "n_trials must be a positive integer, got -1"),
+        ("n_trials: 3\n", "params: the space samples nothing"),
+    ],
+)
 def test_bad_space_is_a_clear_error(tmp_path, yaml, message):
-    (tmp_path/"space.yaml").write_text(yaml)
-    with pytest.raises(SweepError, match="invalid search space space.yaml") as e: load_space(tmp_path/"space.yaml")
+    (tmp_path / "space.yaml").write_text(yaml)
+    with pytest.raises(SweepError, match="invalid search space space.yaml") as e:
+        load_space(tmp_path / "space.yaml")
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--study", "s"], "give --storage (or set MLOPS_SWEEP_STORAGE)"),
-    (["--study", "s", "--storage", "postgresql+psycopg://mlops:hunter2@127.0.0.1:1/optuna"],
-     "cannot open the study 's' in postgresql+psycopg://mlops:***@127.0.0.1:1/optuna: (psycopg.OperationalError) connection failed"),
-    (["--study", "s", "--storage", "not a url"], "not a database URL: 'not a url'"),
-    (["--study", "s", "--storage", "sqlite://", "--space", "grid"], "no search space 'grid': give a YAML file or one of ['lr_warmup']"),
-    (["--study", "s", "--storage", "sqlite://", "--trials", "0"], "--trials must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--study", "s"], "give --storage (or set MLOPS_SWEEP_STORAGE)"),
+        (
+            ["--study", "s", "--storage", "postgresql+psycopg://mlops:hunter2@127.0.0.1:1/optuna"],
+            "cannot open the study 's' in postgresql+psycopg://mlops:***@127.0.0.1:1/optuna: (psycopg.OperationalError) connection failed",
+        ),
+        (["--study", "s", "--storage", "not a url"], "not a database URL: 'not a url'"),
+        (["--study", "s", "--storage", "sqlite://", "--space", "grid"], "no search space 'grid': give a YAML file or one of ['lr_warmup']"),
+        (["--study", "s", "--storage", "sqlite://", "--trials", "0"], "--trials must be at least 1, got 0"),
+    ],
+)
 def test_cli_errors_are_clear(tmp_path, args, message):
     proc = run_cli("mlops-sweep", *args, cwd=tmp_path, env={"MLOPS_SWEEP_STORAGE": ""})
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
@@ -51,14 +62,34 @@ def test_cli_errors_are_clear(tmp_path, args, message):
 def test_workers_open_one_study(postgres):
     "The first open creates the study, the next ones load it: a trial told through one handle is seen through the other."
     first, second = open_study(postgres, "shared"), open_study(postgres, "shared")
-    trial = first.ask(); first.tell(trial, 0.25)
+    trial = first.ask()
+    first.tell(trial, 0.25)
     assert [t.value for t in second.trials] == [0.25] and second.best_value == 0.25
 
 
 def sweep_worker(storage, study, trials, seed, root) -> subprocess.Popen:
     "`mlops-sweep` as one worker of `study`, on the tiny model."
-    return subprocess.Popen([str(BIN/"mlops-sweep"), "--storage", storage, "--study", study, "--trials", str(trials), "--seed", str(seed),
-                             "--root", str(root), "--", *TINY], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            str(BIN / "mlops-sweep"),
+            "--storage",
+            storage,
+            "--study",
+            study,
+            "--trials",
+            str(trials),
+            "--seed",
+            str(seed),
+            "--root",
+            str(root),
+            "--",
+            *TINY,
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -71,7 +102,7 @@ def test_workers_share_the_study_and_its_budget(postgres, tmp_path):
     rows = trials_table(study)
     assert 4 <= len(rows) <= 5 and {r["state"] for r in rows} == {"COMPLETE"}  # both may ask for the last trial at the same moment
     for r in rows:
-        meta = read_metadata(tmp_path/"tiny"/f"trial-{r['trial']:04d}"/"model")
+        meta = read_metadata(tmp_path / "tiny" / f"trial-{r['trial']:04d}" / "model")
         assert meta["metrics"]["mcc"] == r["mcc"]
         assert meta["config"]["training"]["learning_rate"] == r["training.learning_rate"]
         assert meta["config"]["data"]["batch_size"] == r["data.batch_size"] and meta["config"]["model"]["backbone"] == "tiny-random-bert"
@@ -85,11 +116,25 @@ def test_workers_share_the_study_and_its_budget(postgres, tmp_path):
 @pytest.mark.slow
 def test_failed_trials_are_recorded_and_the_sweep_says_so(postgres, tmp_path):
     "A trial whose mlops-train fails is marked failed with its error; with no complete trial the command exits 1."
-    (tmp_path/"space.yaml").write_text("n_trials: 2\nparams:\n  training.patience: {type: categorical, choices: [0]}\n")
-    proc = run_cli("mlops-sweep", "--storage", postgres, "--study", "broken", "--space", tmp_path/"space.yaml", "--root", tmp_path, "--", *TINY,
-                   cwd=tmp_path, timeout=600)
+    (tmp_path / "space.yaml").write_text("n_trials: 2\nparams:\n  training.patience: {type: categorical, choices: [0]}\n")
+    proc = run_cli(
+        "mlops-sweep",
+        "--storage",
+        postgres,
+        "--study",
+        "broken",
+        "--space",
+        tmp_path / "space.yaml",
+        "--root",
+        tmp_path,
+        "--",
+        *TINY,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 1 and "no trial of 'broken' completed" in proc.stderr, proc.stderr[-2000:]
     study = open_study(postgres, "broken")
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
     assert all("training.patience must be at least 1, got 0" in t.user_attrs["error"] for t in study.trials)
-    with pytest.raises(SweepError, match="has no complete trial yet"): best_overrides(study)
+    with pytest.raises(SweepError, match="has no complete trial yet"):
+        best_overrides(study)

@@ -1,4 +1,5 @@
 """`mlops-train` from outside the repository: artifacts, errors, W&B offline, resume after a kill, DDP."""
+
 import json
 import math
 import os
@@ -9,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from mlops_basics.devtools.test_utils import BIN, run_cli, TINY_TRAIN
 from mlops_basics.core.artifacts import read_metadata
+from mlops_basics.devtools.test_utils import BIN, TINY_TRAIN, run_cli
 from mlops_basics.training.config import compose_config
 
 
@@ -28,6 +29,7 @@ def test_train_writes_the_artifacts_contract(tiny_model_dir):
 
 def test_predictor_on_trained_artifacts(tiny_model_dir):
     from mlops_basics.training.inference import Predictor
+
     predictor = Predictor(tiny_model_dir)
     sentences = ["The book was read by the student.", "Book the the read.", "", "Ünïcödé? 🙂", "long " * 600]
     probs = predictor.predict_proba(sentences)
@@ -36,19 +38,23 @@ def test_predictor_on_trained_artifacts(tiny_model_dir):
 
 
 def test_train_runs_from_any_directory_and_prints_mcc(tmp_path):
-    proc = run_cli("mlops-train", *TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=2", f"paths.root={tmp_path/'run'}",
-                   cwd=tmp_path)
+    proc = run_cli(
+        "mlops-train", *TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=2", f"paths.root={tmp_path / 'run'}", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation MCC" in proc.stdout
-    assert (tmp_path/"run"/"hydra").is_dir()  # Hydra's record of the run's config and log
+    assert (tmp_path / "run" / "hydra").is_dir()  # Hydra's record of the run's config and log
 
 
-@pytest.mark.parametrize("override, message", [
-    ("training.learning_rate=abc", "could not be converted to Float"),
-    ("training.warmup_ratio=1.5", "training.warmup_ratio must be in [0, 1), got 1.5"),
-    ("trainer=tpu_pod", "Available options in 'trainer'"),
-    ("data.source=/nonexistent/cola.zip", "CoLA data not found at /nonexistent/cola.zip"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.learning_rate=abc", "could not be converted to Float"),
+        ("training.warmup_ratio=1.5", "training.warmup_ratio must be in [0, 1), got 1.5"),
+        ("trainer=tpu_pod", "Available options in 'trainer'"),
+        ("data.source=/nonexistent/cola.zip", "CoLA data not found at /nonexistent/cola.zip"),
+    ],
+)
 def test_bad_config_is_a_clear_error(override, message, tmp_path):
     proc = run_cli("mlops-train", *TINY_TRAIN, override, f"paths.root={tmp_path}", cwd=tmp_path)
     assert proc.returncode != 0
@@ -59,28 +65,34 @@ def test_mpnet_named_config(tmp_path):
     "`--config-name mpnet` is the default config with the larger backbone and its schedule, and passes validation."
     import yaml
     from hydra import compose, initialize_config_dir
+
     from mlops_basics.training.config import CONFIG_DIR, validate_config
+
     proc = run_cli("mlops-train", "--config-name", "mpnet", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job, default = yaml.safe_load(proc.stdout), compose_config()
     assert job["model"]["backbone"] == "all-mpnet-base-v2"
     assert (job["training"]["learning_rate"], job["training"]["layer_decay"], job["trainer"]["max_epochs"]) == (3e-5, 1.0, 3)
     assert job["data"] == dict(default.data) and job["training"]["seed"] == default.training.seed  # the rest is the default's
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"): validate_config(compose("mpnet"))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        validate_config(compose("mpnet"))
 
 
 def test_minilm_named_config(tmp_path):
     "`--config-name minilm` is the earlier default: all-MiniLM-L6-v2 with its own recipe (the head at 1e-4, layer decay 0.8, 6 epochs)."
     import yaml
     from hydra import compose, initialize_config_dir
+
     from mlops_basics.training.config import CONFIG_DIR, validate_config
+
     proc = run_cli("mlops-train", "--config-name", "minilm", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job, default = yaml.safe_load(proc.stdout), compose_config()
     assert job["model"]["backbone"] == "all-MiniLM-L6-v2" and default.model.backbone == "distilbert-gec"
     assert (job["training"]["learning_rate"], job["training"]["layer_decay"], job["trainer"]["max_epochs"]) == (1e-4, 0.8, 6)
     assert job["data"] == dict(default.data)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"): validate_config(compose("minilm"))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        validate_config(compose("minilm"))
 
 
 def test_hub_backbone_fails_fast_offline(tmp_path):
@@ -90,14 +102,23 @@ def test_hub_backbone_fails_fast_offline(tmp_path):
 
 
 def test_wandb_offline_run_has_report_and_model(tmp_path):
-    proc = run_cli("mlops-train", "model=tiny_random", "logger=wandb", "trainer.num_threads=1", "trainer.max_epochs=1",
-                   "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false", f"paths.root={tmp_path}", cwd=tmp_path,
-                   env={"WANDB_MODE": "offline"})
+    proc = run_cli(
+        "mlops-train",
+        "model=tiny_random",
+        "logger=wandb",
+        "trainer.num_threads=1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.enable_progress_bar=false",
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list((tmp_path/"logs"/"wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     tables = {p.name.split("_")[0]: json.loads(p.read_text()) for p in runs[0].glob("files/media/table/validation/*.table.json")}
-    report = json.loads((tmp_path/"logs"/"report"/"report.json").read_text())
+    report = json.loads((tmp_path / "logs" / "report" / "report.json").read_text())
     assert len(tables["misclassified"]["data"]) == report["n_misclassified"]
     assert sum(row[2] for row in tables["confusion"]["data"]) == 1043
 
@@ -106,17 +127,22 @@ def test_wandb_offline_run_has_report_and_model(tmp_path):
 def test_student_trains_on_the_teachers_probabilities():
     "Every training sentence, negatives included, carries the teacher's probabilities, and the training loss is the distillation loss."
     import torch
+
+    from mlops_basics.training.backbones import load_backbone
     from mlops_basics.training.distill import distillation_loss
     from mlops_basics.training.model import ColaClassifier, ColaDataModule
-    from mlops_basics.training.backbones import load_backbone
     from mlops_basics.training.negatives import negatives_for
+
     model, tokenizer = load_backbone("tiny-random-bert")
     asked = []
+
     def teacher(sentences):  # a stand-in teacher: more sure of longer sentences
         asked.extend(sentences)
-        p = np.array([min(len(s), 100)/100 for s in sentences], dtype=np.float32)
+        p = np.array([min(len(s), 100) / 100 for s in sentences], dtype=np.float32)
         return np.stack([1 - p, p], axis=1)
-    datamodule = ColaDataModule(tokenizer, negatives=0.1, soft_targets=teacher); datamodule.setup()
+
+    datamodule = ColaDataModule(tokenizer, negatives=0.1, soft_targets=teacher)
+    datamodule.setup()
     assert len(asked) == len(datamodule.train_features) == 8551 + negatives_for(8551, 0.1)
     assert all(f["teacher_probs"] == teacher([s]).tolist()[0] for f, s in zip(datamodule.train_features[::997], asked[::997]))
     batch = next(iter(datamodule.train_dataloader()))
@@ -129,15 +155,23 @@ def test_student_trains_on_the_teachers_probabilities():
 
 
 def test_train_distils_a_served_teacher(serving_dir, tmp_path):
-    proc = run_cli("mlops-train", *TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=2", f"training.distill_from={serving_dir}",
-                   f"paths.root={tmp_path/'run'}", cwd=tmp_path)
+    proc = run_cli(
+        "mlops-train",
+        *TINY_TRAIN,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        f"training.distill_from={serving_dir}",
+        f"paths.root={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_metadata(tmp_path/"run"/"model")["config"]["training"]["distill_from"] == str(serving_dir)
+    assert read_metadata(tmp_path / "run" / "model")["config"]["training"]["distill_from"] == str(serving_dir)
 
 
 def training_sentences(cfg) -> int:
     "CoLA's 8551 training sentences plus the synthetic negatives `cfg` adds."
     from mlops_basics.training.negatives import negatives_for
+
     return 8551 + negatives_for(8551, cfg["data"]["synthetic_negatives"])
 
 
@@ -145,18 +179,24 @@ def training_sentences(cfg) -> int:
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     "SIGKILL mid-epoch after a step checkpoint; the same command resumes from it and finishes."
     args = [*TINY_TRAIN, "trainer.max_epochs=2", "training.checkpoint_every_n_steps=20", "data.batch_size=8", f"paths.root={tmp_path}"]
-    proc = subprocess.Popen([str(BIN/"mlops-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    last = tmp_path/"checkpoints"/"last.ckpt"
+    proc = subprocess.Popen([str(BIN / "mlops-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    last = tmp_path / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     import torch
+
     def saved_step() -> int | None:
         "The step of a complete last.ckpt, or None while there is none (Lightning renames a finished file into place)."
-        try: return torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-        except (OSError, EOFError, RuntimeError, KeyError): return None
-    while saved_step() is None and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL); proc.wait()  # without warning, as an out-of-memory kill or a lost machine would
+        try:
+            return torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+        except (OSError, EOFError, RuntimeError, KeyError):
+            return None
+
+    while saved_step() is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()  # without warning, as an out-of-memory kill or a lost machine would
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
-    assert last.exists() and not (tmp_path/"model").exists()
+    assert last.exists() and not (tmp_path / "model").exists()
 
     interrupted_at = saved_step()
     steps_per_epoch = math.ceil(training_sentences(compose_config(args)) / 8)
@@ -164,7 +204,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     resumed = run_cli("mlops-train", *args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming the interrupted run from {last}" in resumed.stdout
-    meta = read_metadata(tmp_path/"model")
+    meta = read_metadata(tmp_path / "model")
     assert meta["resumed_from"] == str(last)
     assert [h["epoch"] for h in meta["history"]] == [1, 2] and meta["history"][-1]["step"] == 2 * steps_per_epoch
     assert not last.exists()
@@ -173,10 +213,18 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
     "Two processes share each epoch: a fraction of an epoch is a fraction of half the batches, and rank 1 logs its own start."
-    proc = run_cli("mlops-train", *TINY_TRAIN, "trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=0.05",
-                   f"paths.root={tmp_path}", cwd=tmp_path, timeout=900)
+    proc = run_cli(
+        "mlops-train",
+        *TINY_TRAIN,
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=0.05",
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    meta = read_metadata(tmp_path/"model")
+    meta = read_metadata(tmp_path / "model")
     assert meta["config"]["trainer"]["devices"] == 2 and meta["config"]["trainer"]["strategy"] == "ddp"
     batch_size = meta["config"]["data"]["batch_size"]
     n = training_sentences(meta["config"])
@@ -189,12 +237,39 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 @pytest.mark.slow
 def test_training_notebook_runs_under_papermill(tmp_path):
     from conftest import ROOT
-    out = tmp_path/"trained.ipynb"
-    proc = subprocess.run([str(BIN/"papermill"), str(ROOT/"nbs"/"00c_model.ipynb"), str(out), "-p", "backbone", "tiny-random-bert",
-                           "-p", "max_epochs", "1", "-p", "limit_train_batches", "4", "-p", "num_threads", "1",
-                           "-p", "output_dir", str(tmp_path/"model"), "--cwd", str(ROOT/"nbs"), "-k", "python3"],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "IN_TEST": ""})
+
+    out = tmp_path / "trained.ipynb"
+    proc = subprocess.run(
+        [
+            str(BIN / "papermill"),
+            str(ROOT / "nbs" / "00c_model.ipynb"),
+            str(out),
+            "-p",
+            "backbone",
+            "tiny-random-bert",
+            "-p",
+            "max_epochs",
+            "1",
+            "-p",
+            "limit_train_batches",
+            "4",
+            "-p",
+            "num_threads",
+            "1",
+            "-p",
+            "output_dir",
+            str(tmp_path / "model"),
+            "--cwd",
+            str(ROOT / "nbs"),
+            "-k",
+            "python3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "IN_TEST": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     executed = json.loads(out.read_text())
     assert any("injected-parameters" in c["metadata"].get("tags", []) for c in executed["cells"])
-    assert read_metadata(tmp_path/"model")["backbone"] == "tiny-random-bert"
+    assert read_metadata(tmp_path / "model")["backbone"] == "tiny-random-bert"

@@ -6,13 +6,14 @@ markdown cells as they are, code cells as fenced Python with their text outputs.
     python tools/sync_readme.py          # rewrite README.md
     python tools/sync_readme.py --check  # exit 1 if README.md differs
 """
+
 import json
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK, README = ROOT/"nbs"/"index.ipynb", ROOT/"README.md"
+NOTEBOOK, README = ROOT / "nbs" / "index.ipynb", ROOT / "README.md"
 HEADER = "<!-- Generated from nbs/index.ipynb by tools/sync_readme.py: edit the notebook, not this file. -->\n\n"
 
 
@@ -24,7 +25,8 @@ def _source(cell) -> str:
 def _text_outputs(cell) -> str:
     parts = []
     for out in cell.get("outputs", []):
-        if out["output_type"] == "stream" and out.get("name") == "stdout": parts.append("".join(out["text"]))
+        if out["output_type"] == "stream" and out.get("name") == "stdout":
+            parts.append("".join(out["text"]))
         elif out["output_type"] in ("execute_result", "display_data") and "text/plain" in out.get("data", {}):
             parts.append("".join(out["data"]["text/plain"]) + "\n")
     return "".join(parts)
@@ -32,9 +34,11 @@ def _text_outputs(cell) -> str:
 
 def github_links(markdown: str) -> str:
     "Links and diagrams as GitHub shows the README: a page `name.html` is the notebook `nbs/name.ipynb`, an image `images/...` is under `nbs/`."
+
     def page(m):
         name = m.group(2)
-        return f"]({'nbs/' + name + '.ipynb' if (ROOT/'nbs'/f'{name}.ipynb').exists() else name + '.html'}{m.group(3) or ''})"
+        return f"]({'nbs/' + name + '.ipynb' if (ROOT / 'nbs' / f'{name}.ipynb').exists() else name + '.html'}{m.group(3) or ''})"
+
     markdown = re.sub(r"\]\((?!https?:)(([\w-]+))\.html(#[\w-]+)?\)", page, markdown)
     markdown = markdown.replace("```{mermaid}", "```mermaid")  # Quarto's diagram block, as GitHub spells it
     return re.sub(r"\]\((images/[^)\s]+)\)", r"](nbs/\1)", markdown)
@@ -45,13 +49,17 @@ def render(notebook: Path = NOTEBOOK) -> str:
     blocks = []
     for cell in json.loads(notebook.read_text())["cells"]:
         source = _source(cell)
-        if cell["cell_type"] == "markdown": blocks.append(github_links(source.strip()))
+        if cell["cell_type"] == "markdown":
+            blocks.append(github_links(source.strip()))
         elif cell["cell_type"] == "code":
             lines = source.splitlines()
-            if any(l.strip() in ("#| hide", "#|hide") for l in lines): continue
+            if any(l.strip() in ("#| hide", "#|hide") for l in lines):
+                continue
             code = "\n".join(l for l in lines if not l.lstrip().startswith("#|")).strip()
-            if code: blocks.append(f"```python\n{code}\n```")
-            if output := _text_outputs(cell).rstrip(): blocks.append(f"```\n{output}\n```")
+            if code:
+                blocks.append(f"```python\n{code}\n```")
+            if output := _text_outputs(cell).rstrip():
+                blocks.append(f"```\n{output}\n```")
     return HEADER + "\n\n".join(blocks) + "\n"
 
 

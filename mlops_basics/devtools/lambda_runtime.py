@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
-from .test_utils import free_port
 from .containers import PodmanError, container_state, podman, remove_container
+from .test_utils import free_port
 
 
 # %% auto #0

@@ -123,6 +123,7 @@ def build_page(path: str | Path, # a notebook
     "Run the notebook for its readers and keep its cleaned outputs: how many cells ran and kept their old outputs."
     from execnb.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
+
     from mlops_basics.core.artifacts import atomic_file
     path = Path(path).resolve()
     nb, counts = read_nb(path), {"ran": 0, "kept": 0}

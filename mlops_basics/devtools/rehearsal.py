@@ -4,6 +4,7 @@
 
 # %% ../../nbs/98a_rehearsal.ipynb #aa2a9a4c
 from __future__ import annotations
+
 import contextlib
 import datetime as dt
 import json
@@ -14,6 +15,7 @@ import tarfile
 import tempfile
 import uuid
 from pathlib import Path
+
 from .containers import podman, project_root
 from .test_utils import free_port, http, process_stopped, wait_for_http
 

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 # %% auto #0
 __all__ = ['BIN', 'TINY_BACKBONE', 'TINY_TRAIN', 'AWS_TEST_CREDENTIALS', 'free_port', 'http', 'wait_for_http', 'process_stopped',
-           'run_cli', 'json_lines', 'tiny_model_dir', 'tiny_serving_dir', 'running_server', 'serve', 'moto_server']
+           'run_cli', 'json_lines', 'tiny_model_dir', 'tiny_serving_dir', 'running_server', 'serve', 'moto_server',
+           'cola_copies']
 
 # %% ../../nbs/97_test_utils.ipynb #e898b152
 _PORTS_GIVEN: set[int] = set()
@@ -114,8 +115,8 @@ def tiny_model_dir(directory: str | Path, # the artifacts directory to write
                    **metadata, # more for the metadata, e.g. a training `history`
                   ) -> Path:
     "An untrained tiny random classifier saved as training saves a model."
-    from mlops_basics.training.model import ColaClassifier, save_classifier
     from mlops_basics.training.backbones import load_backbone
+    from mlops_basics.training.model import ColaClassifier, save_classifier
     backbone, tokenizer = load_backbone(TINY_BACKBONE, seed=seed)
     save_classifier(ColaClassifier(backbone), tokenizer, directory, max_length=max_length, backbone=TINY_BACKBONE,
                     **{"data_sha256": "0"*64, **metadata})
@@ -180,3 +181,34 @@ def moto_server(log: str | Path | None = None, # where the server's output goes 
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
+
+# %% ../../nbs/97_test_utils.ipynb #c01a0c0f
+def cola_copies(
+    scratch: str | Path,  # where to unpack the zip when there is no directory of raw files
+) -> tuple[Path, Path]:
+    "The CoLA release zip and a directory of its raw TSVs, from `$MLOPS_COLA_PATH` (either form) or the download cache."
+    import zipfile
+
+    from mlops_basics.core.data import COLA_ENV_VAR, ColaDataError, default_cache_dir
+
+    source = Path(os.environ[COLA_ENV_VAR]).expanduser().resolve() if os.environ.get(COLA_ENV_VAR) else None
+    cached = default_cache_dir() / "cola_public_1.1.zip"
+    if source and source.suffix == ".zip":
+        near = [source]
+    else:
+        near = [
+            d / "cola_public_1.1.zip" for d in ([source, *list(source.parents)[:2]] if source else [])
+        ]  # raw/ -> cola_public/ -> the zip's folder
+    zips = [p for p in (*near, cached) if p.is_file()]
+    if not zips:
+        raise ColaDataError(
+            f"no cola_public_1.1.zip at or beside {COLA_ENV_VAR}={source or ''} nor in the cache ({cached.name}): "
+            f"run `make run` online once, or set {COLA_ENV_VAR}"
+        )
+    if source and source.is_dir():
+        return zips[0], source
+    raw = Path(scratch) / "cola_public" / "raw"
+    if not raw.is_dir():
+        with zipfile.ZipFile(zips[0]) as z:
+            z.extractall(scratch)
+    return zips[0], raw

@@ -14,10 +14,20 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-
-from .registry import (CONTAINER_CLI_ENV, CONTAINER_ENGINES, DeployConfig, DeployError, aws_errors,
-                                       clients, container_cli, ensure_repository, existing_tags, push_image,
-                                       registry_login, require_image)
+from mlops_basics.ops.registry import (
+    CONTAINER_CLI_ENV,
+    CONTAINER_ENGINES,
+    DeployConfig,
+    DeployError,
+    aws_errors,
+    clients,
+    container_cli,
+    ensure_repository,
+    existing_tags,
+    push_image,
+    registry_login,
+    require_image,
+)
 
 
 # %% auto #0

@@ -18,7 +18,8 @@ from ..core.data import LABELS
 from ..core.predictions import binary_metrics
 from .shipping import INDEX_PREFIX
 
-if TYPE_CHECKING: import pandas as pd  # annotations only: the drift check imports pandas when it runs
+if TYPE_CHECKING:  # annotations only: the drift check imports pandas when it runs
+    import pandas as pd
 
 # %% auto #0
 __all__ = ['DRIFT_CHECKS', 'MIN_FEEDBACK', 'UNKNOWN_TOKEN', 'TOP_TOKENS', 'profile_sentences', 'reference_rows',
@@ -166,7 +167,9 @@ def drift_report(reference: Sequence[dict[str, Any]], # rows from `reference_row
                  mcc_tolerance: float = 0.1, # how far below `reference_mcc` the feedback MCC may fall
                 ) -> dict[str, Any]:
     "Compare `window` with `reference`: a JSON-able summary with a pass/fail per check (and the HTML reports in `out_dir`)."
-    import evidently, pandas as pd
+    import evidently
+    import pandas as pd
+
     from mlops_basics import __version__
     if len(window) < 1: raise ValueError("the window has no predictions: nothing to compare")
     if len(reference) < 1: raise ValueError("the reference has no rows")

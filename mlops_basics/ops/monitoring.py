@@ -7,6 +7,6 @@ __all__ = []
 
 # %% ../../nbs/09_monitoring.ipynb #b8b2a284
 # One import for all of Week 9, as before the split into three modules.
-from .shipping import *  # noqa: F401,F403
 from .dashboards import *  # noqa: F401,F403
 from .drift import *  # noqa: F401,F403
+from .shipping import *  # noqa: F401,F403

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 # Over 300 lines for one concern, orchestration with Prefect: the two flows, their tasks, and reading back what the API recorded
 # sit in the one module that needs Prefect (and so .venv-prefect); every step itself is a call to an earlier week's tool.
-
 import contextlib
 import datetime as dt
 import hashlib
@@ -31,8 +30,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from .behaviour import THRESHOLDS
-from ..training.pipeline import metric_gate
 from .releases import CanaryPolicy, LambdaRelease, VariantMetrics, run_canary
+from ..training.pipeline import metric_gate
 
 # %% auto #0
 __all__ = ['TRANSIENT', 'CANARY_WINDOW_S', 'STATE_COLOURS', 'ToolError', 'TransientError', 'QualityGateFailed',
@@ -67,7 +66,7 @@ def run_tool(args: Sequence[str], # the command: a tool of the course (dvc, mlop
     env = dict(os.environ)
     if tools: env["PATH"] = os.pathsep.join([tools, env.get("PATH", "")])  # also the PATH of what it starts (dvc's stages)
     exe = shutil.which(args[0], path=env["PATH"])
-    if exe is None: raise ToolError(f"{args[0]} is not on {'the tools path ' + tools if tools else 'PATH'}: run `make install` (the course's .venv)")
+    if exe is None: raise ToolError(f"{args[0]} is not on {'the tools path ' + tools if tools else 'PATH'}: run `make install-dev` (the course's .venv)")
     proc = subprocess.run([exe, *map(str, args[1:])], cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode not in ok_codes:
         out = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
@@ -192,6 +191,7 @@ def cloudwatch_canary_metrics(canary: str, # the new version
                              ) -> tuple[VariantMetrics, VariantMetrics]:
     "Invocations, errors and p95 duration of both versions behind the alias, from CloudWatch (the function and alias of `DeployConfig.from_env`)."
     import boto3
+
     from mlops_basics.ops.registry import DeployConfig
     cfg = DeployConfig.from_env()
     cloudwatch = boto3.client("cloudwatch", region_name=cfg.region, endpoint_url=cfg.endpoint_url)

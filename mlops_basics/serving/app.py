@@ -28,15 +28,14 @@ from typing import Any, Optional
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.datastructures import MutableHeaders
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import MutableHeaders
 
 from ..core.artifacts import ArtifactsError
-from .predictor import ONNXPredictor
 from .batching import Batcher, merges_exactly, predict_for_request
 from .observability import MULTIPROC_ENV, ServingMetrics, configure_request_logging, log_request, server_log_config
-from .settings import (PredictResponse, RequestLimits, ServeSettings, parse_split, request_model, sticky_assignment,
-                                          too_large)
+from .predictor import ONNXPredictor
+from .settings import PredictResponse, RequestLimits, ServeSettings, parse_split, request_model, sticky_assignment, too_large
 
 
 # %% ../../nbs/05_serving.ipynb #d9259a98

@@ -11,9 +11,9 @@ from typing import Any
 
 from mangum import Mangum
 
-from .settings import ServeSettings
-from .observability import configure_request_logging
 from .app import create_app
+from .observability import configure_request_logging
+from .settings import ServeSettings
 
 # %% auto #0
 __all__ = ['runtime', 'is_http_event', 'predict_event', 'PredictFailed', 'handler']

@@ -17,14 +17,14 @@ from typing import Any, Optional
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 
-from .batching import predict_for_request
-from .settings import too_large
 from ..core.predictions import Prediction
+from .batching import predict_for_request
 from .predictor import ONNXPredictor
+from .settings import too_large
 
 
 # %% ../../nbs/12_inference_protocol.ipynb #7909bcc4

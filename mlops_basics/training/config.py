@@ -143,8 +143,8 @@ def validate_config(cfg: DictConfig, # a composed training config
                    ) -> None:
     "Raise `ConfigError` listing every invalid value in `cfg`."
     from mlops_basics.training.backbones import BackboneError, resolve_backbone
-    from mlops_basics.training.negatives import PERTURBATIONS
     from mlops_basics.training.multinode import multinode_problems
+    from mlops_basics.training.negatives import PERTURBATIONS
     checks = [
         (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be at least 1"),

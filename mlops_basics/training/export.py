@@ -18,7 +18,16 @@ import onnxruntime as ort
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ..core.artifacts import ARTIFACTS_FORMAT, METADATA_FILE, ArtifactsError, atomic_directory, git_state, package_versions, read_metadata, write_json
+from mlops_basics.core.artifacts import (
+    ARTIFACTS_FORMAT,
+    METADATA_FILE,
+    ArtifactsError,
+    atomic_directory,
+    git_state,
+    package_versions,
+    read_metadata,
+    write_json,
+)
 from ..core.data import load_cola, sha256_file
 from ..core.predictions import binary_metrics
 from .backbones import quiet_transformers

@@ -27,6 +27,7 @@ class Predictor(BasePredictor):
         super().__init__(read_metadata(directory), batch_size)
         import torch  # imported here so the torch-free layer above stays light
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         from mlops_basics.training.backbones import quiet_transformers
         self.directory, self.device, self._torch = Path(directory), device, torch
         try:

@@ -20,13 +20,12 @@ import transformers
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (BinaryAccuracy, BinaryF1Score, BinaryMatthewsCorrCoef, BinaryPrecision,
-                                         BinaryRecall)
+from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryMatthewsCorrCoef, BinaryPrecision, BinaryRecall
 from transformers import get_linear_schedule_with_warmup
 
-from .backbones import quiet_transformers
 from ..core.artifacts import git_state, package_versions, write_artifacts
 from ..core.data import LABELS, ColaSplits, load_cola, locate_cola
+from .backbones import quiet_transformers
 from .distill import distillation_loss
 from .negatives import add_negatives, vary_case
 

@@ -102,6 +102,7 @@ def render_params(overrides: Sequence[str] = (), # Hydra overrides on top of the
     "The text of `params.yaml`: the composed training config with a schema defaults list."
     import yaml
     from omegaconf import OmegaConf
+
     from mlops_basics.training.config import compose_config
     cfg = OmegaConf.to_container(compose_config([*PIPELINE_OVERRIDES, *overrides]), enum_to_str=True)
     document = {"defaults": ["train_schema", "_self_"], **cfg}  # no `hydra:` section: DVC's own OmegaConf cannot resolve ${now:}

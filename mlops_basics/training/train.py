@@ -23,7 +23,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ..core.artifacts import read_json, write_json
-
 from .config import CONFIG_DIR, ConfigError, validate_config
 
 # train() writes the run's fingerprint into the checkpoint directory before Lightning looks at it.
@@ -109,6 +108,7 @@ def _validate_best(trainer, classifier, datamodule) -> tuple[str | None, list[di
     "Reload the best checkpoint's weights (by validation MCC) into `classifier` and score the validation split: (best path, history, report)."
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
+
     from mlops_basics.training.model import MetricsHistory, find_callback, load_checkpoint_weights
     from mlops_basics.training.tracking import validation_report
     best = find_callback(trainer, ModelCheckpoint, monitor="val_mcc").best_model_path
@@ -157,6 +157,7 @@ def train(cfg: DictConfig, # a composed training config (see `compose_config`)
     validate_config(cfg)
     import pytorch_lightning as pl
     import torch
+
     from mlops_basics.training.model import training_callbacks
     from mlops_basics.training.tracking import make_logger
 
