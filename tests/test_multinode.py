@@ -72,7 +72,7 @@ def test_two_nodes_train_one_model(tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2" in outputs[0]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
     assert "validation MCC" in outputs[0] and "validation MCC" not in outputs[1]
-    assert not (tmp_path / "node1" / "model").exists()
+    assert not (tmp_path / "node1" / "model").exists() and list((tmp_path / "node1").rglob("*.ckpt")) == []  # written once, by global rank 0
     meta = read_metadata(tmp_path / "node0" / "model")
     assert (meta["config"]["trainer"]["num_nodes"], meta["config"]["trainer"]["devices"]) == (2, 1)
     from mlops_basics.training.negatives import negatives_for
@@ -81,3 +81,39 @@ def test_two_nodes_train_one_model(tmp_path):
     one_process, per_rank = math.ceil(n / batch_size), math.ceil(math.ceil(n / 2) / batch_size)
     assert int(0.05 * one_process) != int(0.05 * per_rank)
     assert meta["history"][0]["step"] == int(0.05 * per_rank)  # each node stepped through its half of the batches
+    # One process with the same global batch (2 x batch_size) takes the same steps and lands close: the gradients are averaged the
+    # same way, only the order of the sentences differs (Lightning's DistributedSampler shuffles them its own way).
+    proc = run_cli(
+        "mlops-train",
+        *TINY_TRAIN,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=0.05",
+        f"data.batch_size={2 * batch_size}",
+        f"paths.root={tmp_path / 'single'}",
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = read_metadata(tmp_path / "single" / "model")["history"][0]
+    assert single["step"] == meta["history"][0]["step"]
+    assert single["val_loss"] == pytest.approx(meta["history"][0]["val_loss"], abs=0.02)
+
+
+def test_lightning_gives_the_nodes_disjoint_shares_of_every_epoch():
+    "The sampler Lightning puts in each node's training loader (its own `_get_distributed_sampler`, with the run's rank, world size and seed)\n    splits the shuffled training set between the two ranks: no sentence on both, none left out (but the padding to equal shares)."
+    from pytorch_lightning.trainer.connectors.data_connector import _get_distributed_sampler
+
+    from mlops_basics.training.backbones import load_backbone
+    from mlops_basics.training.config import compose_config
+    from mlops_basics.training.train import _datamodule
+
+    cfg = compose_config([*TINY_TRAIN, "trainer=ddp_multinode_cpu"])
+    datamodule = _datamodule(cfg, load_backbone(cfg.model.backbone, seed=cfg.training.seed)[1])
+    datamodule.setup("fit")
+    loader, n = datamodule.train_dataloader(), len(datamodule.train_features)
+    shares = [
+        list(_get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank, seed=cfg.training.seed)) for rank in (0, 1)
+    ]
+    assert len(shares[0]) == len(shares[1]) == math.ceil(n / 2)
+    assert set(shares[0]) | set(shares[1]) == set(range(n))
+    assert len(set(shares[0]) & set(shares[1])) == 2 * math.ceil(n / 2) - n  # 0 or 1: the one sentence that evens the shares

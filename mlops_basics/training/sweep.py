@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +26,10 @@ from omegaconf import OmegaConf
 
 from ..core.artifacts import read_metadata
 from .multinode import console_script
+from .pruning import PRUNED_EXIT, TrialError, make_pruner, trial_environment
+
+# heartbeats and fail_stale_trials are marked experimental (since Optuna 2.9): said once on the page, not on every worker start
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 # %% auto #0
@@ -39,9 +45,12 @@ class SweepError(ValueError):
 
 @dataclass
 class SearchSpace:
-    "What a sweep samples (`params`: override -> how) and how many trials the study runs in all."
+    "What a sweep samples (`params`: override -> how), its budget, its pruner, and how soon a silent worker's trial counts as failed."
     params: dict
     n_trials: int = 12
+    pruner: Optional[dict] = None  # see `make_pruner`; None never prunes
+    heartbeat_interval: int = 30  # seconds between a running trial's heartbeats in the database
+    grace_period: int = 120  # seconds without a heartbeat before any worker marks the trial failed
 
 def _param_problems(key: str, p: dict) -> list[str]:
     kind, low, high = p.get("type"), p.get("low"), p.get("high")
@@ -58,13 +67,24 @@ def load_space(space: str | Path, # a name in `SPACE_DIR` (e.g. "lr_warmup") or 
     if not path.is_file():
         raise SweepError(f"no search space {space!r}: give a YAML file or one of {sorted(p.stem for p in SPACE_DIR.glob('*.yaml'))}")
     raw = OmegaConf.to_container(OmegaConf.load(path))
-    params, n_trials, base = raw.get("params") or {}, raw.get("n_trials", 12), compose_config()
+    params, base = raw.pop("params", None) or {}, compose_config()
     problems = [f"{key}: not a setting of mlops-train" for key in params if OmegaConf.select(base, key, default="?") == "?"]
     problems += [q for key, p in params.items() for q in _param_problems(key, p if isinstance(p, dict) else {})]
     if not params: problems.append("params: the space samples nothing")
-    if not isinstance(n_trials, int) or n_trials < 1: problems.append(f"n_trials must be a positive integer, got {n_trials!r}")
+    problems += _settings_problems(raw)
     if problems: raise SweepError(f"invalid search space {path.name}:\n  " + "\n  ".join(problems))
-    return SearchSpace(params, n_trials)
+    return SearchSpace(params, **raw)
+
+def _settings_problems(raw: dict) -> list[str]:
+    unknown = sorted(set(raw) - {"n_trials", "pruner", "heartbeat_interval", "grace_period"})
+    problems = [f"unknown keys {unknown}: a space has params, n_trials, pruner, heartbeat_interval, grace_period"] if unknown else []
+    problems += [f"{k} must be a positive integer, got {raw[k]!r}" for k in ("n_trials", "heartbeat_interval", "grace_period")
+                 if k in raw and not (isinstance(raw[k], int) and raw[k] >= 1)]
+    try: make_pruner(raw.get("pruner"))
+    except TrialError as e: problems.append(str(e))
+    if not problems and raw.get("grace_period", 120) <= raw.get("heartbeat_interval", 30):
+        problems.append("grace_period must be longer than heartbeat_interval")
+    return problems
 
 # %% ../../nbs/02b_sweeps.ipynb #04346958
 def trial_overrides(trial: optuna.Trial, # a trial of the study
@@ -120,18 +140,26 @@ def local_postgres(database: str = "optuna", # the database to create
 def open_study(storage: str, # a SQLAlchemy URL: postgresql+psycopg://user@host/db, sqlite:///sweep.db
                name: str, # the study's name, the same on every worker
                seed: Optional[int] = None, # seeds this worker's sampler
+               space: Optional[SearchSpace] = None, # its pruner and heartbeat (default: `SearchSpace`'s)
               ) -> optuna.Study:
     "The study `name` in `storage`, created on first use: it maximises the validation MCC, and every worker that opens it shares its trials."
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    space = space or SearchSpace({})
+    sampler, pruner = optuna.samplers.TPESampler(seed=seed, constant_liar=True), make_pruner(space.pruner)
     for attempt in range(3):  # two workers creating the tables at the same moment: one of them tries again
-        try: return optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler, load_if_exists=True)
+        try:
+            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=space.heartbeat_interval, grace_period=space.grace_period,
+                                             heartbeat_stale_trial_callback=_report_stale)
+            return optuna.create_study(storage=rdb, study_name=name, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True)
         except ArgumentError as e: raise SweepError(f"not a database URL: {storage!r} (e.g. postgresql+psycopg://user@host:5432/db)") from e
         except (SQLAlchemyError, ImportError) as e:
             if attempt == 2 or "already exists" not in str(e) and "duplicate key" not in str(e):
                 where = make_url(storage).render_as_string(hide_password=True)
                 raise SweepError(f"cannot open the study {name!r} in {where}: {str(e).splitlines()[0]}") from e
+
+def _report_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    print(f"trial {trial.number}: FAIL, its worker {trial.user_attrs.get('worker')} stopped sending heartbeats", flush=True)
 
 # %% ../../nbs/02b_sweeps.ipynb #a1e3a059
 class TrialFailed(RuntimeError):
@@ -141,13 +169,17 @@ def run_trial(trial: optuna.Trial, # asked from the study
               space: SearchSpace, # from `load_space`
               root: Path, # trial directories go under it
               base: list[str] = (), # overrides every trial shares, e.g. model=tiny_random
+              storage: str = "", # the study's database URL, passed to `mlops-train` in its environment
              ) -> float:
-    "Train one trial with `mlops-train` in `root/trial-NNNN` and return its validation MCC."
+    "Train one trial with `mlops-train` in `root/trial-NNNN` and return its validation MCC; `optuna.TrialPruned` if the study pruned it."
     overrides, run_dir = trial_overrides(trial, space), Path(root)/f"trial-{trial.number:04d}"
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    started = time.time()
-    proc = subprocess.run([console_script("mlops-train"), *base, *overrides, f"paths.root={run_dir}"], capture_output=True, text=True)
+    started, env = time.time(), {**os.environ, **trial_environment(storage, trial.study.study_name, trial.number, space.pruner)}
+    proc = subprocess.run([console_script("mlops-train"), *base, *overrides, f"paths.root={run_dir}"], capture_output=True, text=True, env=env)
     trial.set_user_attr("seconds", round(time.time() - started, 1))
+    if proc.returncode == PRUNED_EXIT:
+        print(f"trial {trial.number}: pruned with {' '.join(overrides)}", flush=True)
+        raise optuna.TrialPruned(proc.stderr.strip().splitlines()[-1])
     if proc.returncode != 0:
         trial.set_user_attr("error", proc.stderr[-1000:])
         raise TrialFailed(f"trial {trial.number} ({' '.join(overrides)}): mlops-train exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
@@ -163,10 +195,12 @@ def run_worker(storage: str, # the study's database URL
                seed: Optional[int] = None, # seeds this worker's sampler
               ) -> optuna.Study:
     "Run trials of the study until it holds `space.n_trials` trials in all, from this worker and any other."
-    study = open_study(storage, study_name, seed)
+    study = open_study(storage, study_name, seed, space)
+    optuna.storages.fail_stale_trials(study)  # a trial whose worker died (no heartbeat for grace_period) is marked failed, never rerun
     stop = optuna.study.MaxTrialsCallback(space.n_trials, states=None)
     if len(study.trials) < space.n_trials:
-        study.optimize(partial(run_trial, space=space, root=Path(root), base=list(base)), n_trials=space.n_trials, callbacks=[stop], catch=(TrialFailed,))
+        objective = partial(run_trial, space=space, root=Path(root), base=list(base), storage=storage)
+        study.optimize(objective, n_trials=space.n_trials, callbacks=[stop], catch=(TrialFailed,))
     return study
 
 # %% ../../nbs/02b_sweeps.ipynb #19f8a881
@@ -215,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="mlops-sweep", description="Join an Optuna study of mlops-train runs: sample, train, report the validation MCC.")
     p.add_argument("--storage", default=os.environ.get("MLOPS_SWEEP_STORAGE"), help="the study's database URL (default: $MLOPS_SWEEP_STORAGE)")
     p.add_argument("--study", required=True, help="the study's name, the same on every worker")
-    p.add_argument("--space", default="lr_warmup", help="a search space in mlops_basics/conf/sweep/ or a YAML file")
+    p.add_argument("--space", default="finetune", help="a search space in mlops_basics/conf/sweep/ or a YAML file")
     p.add_argument("--trials", type=int, help="the study's budget (default: the space's n_trials)")
     p.add_argument("--root", default="artifacts/sweeps", help="trial directories go under ROOT/STUDY/")
     p.add_argument("--seed", type=int, help="seeds this worker's sampler")
@@ -232,5 +266,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"mlops-sweep: {e}", file=sys.stderr); raise SystemExit(2) from e
     try: best = best_overrides(study)
     except SweepError as e:  # every trial failed: their errors are in the study (trials_table, user attribute "error")
-        print(f"mlops-sweep: no trial of {args.study!r} completed ({len(study.trials)} failed)", file=sys.stderr); raise SystemExit(1) from e
+        states = Counter(t.state.name.lower() for t in study.trials)
+        print(f"mlops-sweep: no trial of {args.study!r} completed ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})", file=sys.stderr); raise SystemExit(1) from e
     print(f"best of {len(study.trials)} trials: MCC {study.best_value:.4f} with {' '.join(best)}")

@@ -159,8 +159,11 @@ def train(cfg: DictConfig, # a composed training config (see `compose_config`)
     import torch
 
     from mlops_basics.training.model import training_callbacks
+    from mlops_basics.training.pruning import TrialError, pruning_callbacks
     from mlops_basics.training.tracking import make_logger
 
+    try: sweep = pruning_callbacks()  # a trial of `mlops-sweep` reports its validation MCC every epoch to the study
+    except TrialError as e: raise ConfigError(str(e)) from e
     resolve_paths(cfg)
     if cfg.trainer.num_threads: torch.set_num_threads(cfg.trainer.num_threads)
     pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
@@ -169,7 +172,7 @@ def train(cfg: DictConfig, # a composed training config (see `compose_config`)
     logger = make_logger(lg.kind.value, cfg.paths.log_dir, lg.project, lg.run_name, lg.mode.value, lg.entity, lg.tags)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if logger: logger.log_hyperparams(resolved)
-    trainer = build_trainer(cfg, logger, training_callbacks(cfg.paths.checkpoint_dir, cfg.training.patience, cfg.training.checkpoint_every_n_steps))
+    trainer = build_trainer(cfg, logger, training_callbacks(cfg.paths.checkpoint_dir, cfg.training.patience, cfg.training.checkpoint_every_n_steps) + sweep)
 
     checkpoint_dir = Path(cfg.paths.checkpoint_dir)
     # Rank 0 prepares the directory before `fit` starts the other processes, which then read the same decision from it.
@@ -182,13 +185,19 @@ def train(cfg: DictConfig, # a composed training config (see `compose_config`)
 # %% ../../nbs/02a_train.ipynb #b5e6856f
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    from optuna import TrialPruned
+
     from mlops_basics.core.artifacts import ArtifactsError
     from mlops_basics.core.data import ColaDataError
     from mlops_basics.training.backbones import BackboneError
+    from mlops_basics.training.pruning import PRUNED_EXIT
     try: result = train(cfg)
     except (ConfigError, BackboneError, ColaDataError, ArtifactsError) as e:  # the user's to fix: the message, not a traceback
         print(f"mlops-train: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    except TrialPruned as e:  # the sweep's pruner stopped this trial: mlops-sweep records it as pruned
+        print(f"mlops-train: {e}", file=sys.stderr)
+        raise SystemExit(PRUNED_EXIT) from e
     return result.metrics["mcc"] if result else None  # a sweeper can optimise the returned value
 
 def main() -> None:
