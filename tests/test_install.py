@@ -71,6 +71,7 @@ def venvs(release_build, bare_mb):
                 [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), *torch, f"{wheel}[{extra}]"],
                 check=True,
                 timeout=1800,
+                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # a checkout on PYTHONPATH would count as installed
             )
         MEASURED[extra] = {"install_s": round(time.perf_counter() - start, 1), "installed_mb": round(megabytes(site_packages(venv)) - bare_mb, 1)}
         made[extra] = venv
