@@ -307,7 +307,7 @@ def test_kibana_export_and_index_template_are_current_and_consistent(tmp_path):
 
     assert check_saved_objects(shipped.read_text()) == []
     objects = [json.loads(l) for l in shipped.read_text().splitlines()]
-    assert [o["type"] for o in objects].count("visualization") == 5 and objects[-1]["type"] == "dashboard"
+    assert [o["type"] for o in objects].count("visualization") == 6 and objects[-1]["type"] == "dashboard"
     titles = " ".join(o["attributes"]["title"] for o in objects)
     for what in ("Requests over time", "Label mix", "P(acceptable)", "Latency percentiles", "Error rate"):
         assert what in titles

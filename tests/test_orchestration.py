@@ -28,6 +28,7 @@ from mlops_basics.devtools.rehearsal import (
     traffic_log,
 )
 from mlops_basics.devtools.test_utils import BIN
+from mlops_basics.ops.workers import process_worker, stop_worker
 
 pytestmark = pytest.mark.slow
 DRIVER = ["-m", "mlops_basics.devtools.orchestration_driver"]  # run with .venv-prefect's Python
@@ -77,7 +78,7 @@ def world(prefect_api, prefect_python, moto_server, tmp_path_factory):
             retry_delay_s=0,
             tools=str(BIN),
         )
-        yield {"repo": repo, "work": work, "registry": registry, "moto": moto_server, "drive": drive, "rehearsal": rehearsal}
+        yield {"repo": repo, "work": work, "registry": registry, "moto": moto_server, "drive": drive, "rehearsal": rehearsal, "env": env}
 
 
 def tasks_of(history: list, flow_run_id: str) -> dict:
@@ -228,3 +229,128 @@ def test_drift_starts_the_retrain_deployment_once(world):
         "reference profile": "Cached",
         "drift report": "Cached",
     }
+
+
+@pytest.fixture(scope="module")
+def pool(world):
+    "The process work pool `mlops` and prefect.yaml's deployments registered for it; yields what the API holds."
+    assert world["drive"]({"pool": {"ensure": {"name": "mlops"}}}) == {"name": "mlops", "type": "process", "concurrency_limit": None}
+    held = world["drive"]({"pool": {"apply": str(ROOT / "prefect.yaml")}})
+    assert [(d["name"], d["work_pool"], d["concurrency_limit"]) for d in held] == [("weekly", "mlops", 1), ("hourly", "mlops", None)]
+    assert held[0]["entrypoint"] == "mlops_basics.ops.orchestration.retrain_flow"
+    return held
+
+
+def worker_env(world) -> dict:
+    "The worker's environment: the Prefect API, AWS (moto), the course's tools first on PATH."
+    return {**os.environ, **world["env"], "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_a_process_worker_runs_the_retrain_that_drift_starts(world, pool, prefect_python):
+    "Drift in new traffic starts retrain/weekly; a process worker executes it end to end on the tiny model and the live alias moves."
+    import numpy as np
+
+    from mlops_basics.core.data import load_cola
+    from mlops_basics.ops.drift import corrupt
+
+    rng = np.random.default_rng(1)
+    serving_dir = world["repo"] / "artifacts" / "serving"
+    log = traffic_log(serving_dir, [corrupt(e.sentence, rng) for e in load_cola().validation[200:320]], world["work"] / "app-2.log", str(BIN))
+    import re
+
+    params = world["repo"] / "params.yaml"  # another learning rate: a new model, so the pipeline trains and the release publishes
+    params.write_text(re.sub(r"learning_rate: \S+", "learning_rate: 0.0001", params.read_text()))
+    parameters = {**world["rehearsal"], "behaviour_thresholds": {}, "mcc_tolerance": 2.0}  # the tiny model's MCC moves by chance
+    lambda_traffic(world["moto"], FUNCTION, {"3": (300, 1), "4": (300, 1), "2": (2700, 8)})  # whichever version the release publishes is healthy
+    watch = {
+        "logs": str(log),
+        "serving_dir": str(serving_dir),
+        "work_dir": str(world["work"] / "monitor-2"),
+        "reference_sample": 300,
+        "tools": str(BIN),
+        "retry_delay_s": 0,
+        "retrain_parameters": parameters,
+    }
+    monitored = world["drive"]({"run": "monitor", "parameters": watch})
+    assert monitored["state"] == "Completed" and monitored["result"]["failed"], monitored
+    run_id = monitored["result"]["retrain_flow_run"]
+    assert world["drive"]({"pool": {"wait": {"flow_run_id": run_id, "timeout_s": 0}}})["state"] == "Scheduled"  # no worker yet
+    with process_worker(prefect_python, worker_env(world), world["work"] / "worker-1.log"):
+        done = world["drive"]({"pool": {"wait": {"flow_run_id": run_id, "timeout_s": 1200}}}, timeout=1300)
+    assert done["state"] == "Completed", (done, (world["work"] / "worker-1.log").read_text()[-3000:])
+    tasks = tasks_of(world["drive"]({"history": ["retrain"]}), run_id)
+    assert list(tasks)[:3] == ["fetch data", "dvc repro", "quality gate"] and tasks["canary release"]["state"] == "Completed"
+    live, routing = alias_state(world["moto"], FUNCTION)
+    assert live == versions(world)[-1] and live not in ("1", "2") and routing == {}  # the new version promoted
+
+
+def test_one_retrain_at_a_time_and_a_killed_worker_leaves_a_crashed_run(world, pool, prefect_python):
+    "A second run of retrain/weekly waits for the slot of the first (its concurrency limit); a worker stopped mid-run leaves that run Crashed with its logs; a new worker runs the next."
+    slow = world["work"] / "slow-pull"
+    slow.mkdir(exist_ok=True)  # the first run stays in `dvc pull` until the worker is stopped
+    (slow / "dvc").write_text(f'#!/bin/sh\nif [ "$1" = pull ]; then sleep 600; fi\nexec "{BIN}/dvc" "$@"\n')
+    (slow / "dvc").chmod(0o755)
+    parameters = {**world["rehearsal"], "behaviour_thresholds": {}, "mcc_tolerance": 2.0}
+    first = world["drive"](
+        {
+            "pool": {
+                "trigger": {
+                    "deployment": "retrain/weekly",
+                    "idempotency_key": "slow-1",
+                    "parameters": {**parameters, "tools": f"{slow}{os.pathsep}{BIN}"},
+                }
+            }
+        }
+    )
+    with process_worker(prefect_python, worker_env(world), world["work"] / "worker-2.log") as worker:
+        running = world["drive"]({"pool": {"wait": {"flow_run_id": first, "until": ["Running"], "timeout_s": 300, "poll_s": 0.5}}})
+        assert running["state"] == "Running", running
+        second = world["drive"]({"pool": {"trigger": {"deployment": "retrain/weekly", "parameters": parameters, "idempotency_key": "next-2"}}})
+        held = world["drive"](
+            {"pool": {"wait": {"flow_run_id": second, "until": ["AwaitingConcurrencySlot", "Running"], "timeout_s": 300, "poll_s": 0.5}}}
+        )
+        assert held["state"] == "AwaitingConcurrencySlot", held  # the worker took it, the API kept it waiting: the slot is the first run's
+        stop_worker(worker)
+    crashed = world["drive"]({"pool": {"wait": {"flow_run_id": first, "timeout_s": 120}}})
+    assert crashed["state"] == "Crashed" and crashed["logs"] > 0, crashed
+    with process_worker(prefect_python, worker_env(world), world["work"] / "worker-3.log"):
+        done = world["drive"]({"pool": {"wait": {"flow_run_id": second, "timeout_s": 1200}}}, timeout=1300)
+    assert done["state"] == "Completed", (done, (world["work"] / "worker-3.log").read_text()[-3000:])
+    assert done["start"] >= crashed["end"]  # it ran once the first had ended
+
+
+def test_falling_labelled_agreement_starts_the_retrain(world, pool, tmp_path, monkeypatch):
+    "In-domain traffic whose users contradict every answer: the monitor joins their labels, finds agreement below the bound, and starts retrain/weekly."
+    from mlops_basics.core.data import LABELS, load_cola
+    from mlops_basics.devtools.test_utils import http, serve
+
+    monkeypatch.setenv("MLOPS_FEEDBACK_BURST", "1000")
+    serving_dir, log, headers = world["repo"] / "artifacts" / "serving", tmp_path / "app.log", {"Content-Type": "application/json"}
+    with serve("--serving-dir", serving_dir, log=log) as url:
+        examples = load_cola().validation[:120]
+        for start in range(0, len(examples), 4):
+            answer = json.loads(
+                http("POST", f"{url}/predict", json.dumps({"sentences": [e.sentence for e in examples[start : start + 4]]}).encode(), headers)[2]
+            )
+            for i, p in enumerate(answer["predictions"]):
+                body = {"request_id": answer["request_id"], "index": i, "label": LABELS[1 - p["label_id"]]}
+                assert http("POST", f"{url}/feedback", json.dumps(body).encode(), headers)[0] == 202
+    watch = {
+        "logs": str(log),
+        "serving_dir": str(serving_dir),
+        "work_dir": str(tmp_path / "monitor"),
+        "reference_sample": 300,
+        "tools": str(BIN),
+        "retry_delay_s": 0,
+        "retrain_parameters": world["rehearsal"],
+    }
+    ran = world["drive"]({"run": "monitor", "parameters": watch})
+    assert ran["state"] == "Completed", ran["message"]
+    assert ran["result"]["shipped"]["labelled"] == 120 and ran["result"]["agreement_falling"] is True
+    evaluation = json.loads((tmp_path / "monitor" / "evaluation.json").read_text())
+    assert evaluation["latest"]["accuracy"] == 0.0 and evaluation["agreement_falling"]
+    concept = json.loads((tmp_path / "monitor" / "drift" / "drift_summary.json").read_text())["checks"]["concept.mcc"]
+    assert concept["matched"] == 120  # the drift report's concept check read the joined labels
+    triggered = ran["result"]["retrain_flow_run"]
+    state = world["drive"]({"pool": {"wait": {"flow_run_id": triggered, "timeout_s": 0}}})
+    assert triggered and state["state"] in ("Scheduled", "Late"), state

@@ -30,7 +30,7 @@ def promtool(*args, cwd=None) -> subprocess.CompletedProcess:
 def test_promtool_checks_the_rules_and_the_example_config():
     rules = promtool("check", "rules", RULES / "rules.yml")
     assert rules.returncode == 0 and "SUCCESS" in rules.stdout, rules.stdout + rules.stderr
-    assert "16 rules found" in rules.stdout, rules.stdout  # 9 recording rules and 7 alerts
+    assert "19 rules found" in rules.stdout, rules.stdout  # 11 recording rules and 8 alerts
     config = promtool("check", "config", RULES / "prometheus.yml")
     assert config.returncode == 0, config.stdout + config.stderr
 
@@ -48,6 +48,20 @@ def test_the_rule_tests_catch_a_wrong_threshold(tmp_path):
     (tmp_path / "rules.yml").write_text(rules.replace("mlops:error_ratio:rate5m > 0.05", "mlops:error_ratio:rate5m > 0.5"))
     result = promtool("test", "rules", tmp_path / "rules_test.yml")
     assert result.returncode != 0 and "MlopsHighErrorRate" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_the_agreement_alert_tests_catch_a_wrong_bound_or_a_missing_minimum(tmp_path):
+    "The labelled-agreement tests fail for a bound 0.5 below validation (never fires) and without the 50-label minimum (fires on a handful)."
+    shutil.copy(RULES / "rules_test.yml", tmp_path / "rules_test.yml")
+    rules = (RULES / "rules.yml").read_text()
+    for old, new in (
+        ("max by (model) (mlops_model_validation_accuracy) - 0.1)", "max by (model) (mlops_model_validation_accuracy) - 0.5)"),
+        ("mlops:feedback_checked:increase1h >= 50", "mlops:feedback_checked:increase1h >= 1"),
+    ):
+        assert old in rules
+        (tmp_path / "rules.yml").write_text(rules.replace(old, new))
+        result = promtool("test", "rules", tmp_path / "rules_test.yml")
+        assert result.returncode != 0 and "MlopsLabelledAgreementLow" in result.stdout + result.stderr, (new, result.stdout + result.stderr)
 
 
 def query(prom: str, expr: str, at: float) -> list[dict]:

@@ -28,13 +28,19 @@ def _visualization(vid: str, title: str, vis_type: str, aggs: list[dict], params
                            "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(search)}},
             "references": [{"name": "kibanaSavedObjectMeta.searchSourceJSON.index", "type": "index-pattern", "id": INDEX_PATTERN_ID}]}
 
+def _agreement_panel(line: dict[str, Any]) -> dict[str, Any]:
+    "Labelled agreement over time: the share of checked feedback whose label is the one the model predicted (Week 5e, 9d)."
+    return _visualization("mlops-labelled-agreement", "Labelled agreement (share of checked feedback that agrees)", "line",
+                          [{"id": "1", "enabled": True, "type": "avg", "schema": "metric", "params": {"field": "agree"}}, _time_axis()],
+                          line, "doc_type : feedback and verified : 1")
+
 def _time_axis(aid: str = "2") -> dict[str, Any]:
     return {"id": aid, "enabled": True, "type": "date_histogram", "schema": "segment",
             "params": {"field": "@timestamp", "interval": "auto", "min_doc_count": 1, "extended_bounds": {}}}
 
 def kibana_saved_objects(index_pattern: str = f"{INDEX_PREFIX}-*", # the indices the dashboard reads
                         ) -> list[dict[str, Any]]:
-    "The index pattern, the five visualizations and the dashboard, as saved objects."
+    "The index pattern, the six visualizations and the dashboard, as saved objects."
     line = {"type": "line", "addTooltip": True, "addLegend": True, "legendPosition": "right"}
     visualizations = [
         _visualization("mlops-requests-over-time", "Requests over time (by status)", "histogram",
@@ -57,6 +63,7 @@ def kibana_saved_objects(index_pattern: str = f"{INDEX_PREFIX}-*", # the indices
         _visualization("mlops-error-rate", "Error rate (5xx share of requests)", "line",
                        [{"id": "1", "enabled": True, "type": "avg", "schema": "metric", "params": {"field": "error"}}, _time_axis()],
                        line, "doc_type : request"),
+        _agreement_panel(line),
     ]
     panels = [{"version": "7.10.0", "type": "visualization", "panelIndex": str(i + 1), "panelRefName": f"panel_{i}", "embeddableConfig": {},
                "gridData": {"x": 24 * (i % 2), "y": 15 * (i // 2), "w": 24, "h": 15, "i": str(i + 1)}} for i in range(len(visualizations))]

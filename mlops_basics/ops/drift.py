@@ -16,6 +16,7 @@ import numpy as np
 from ..core.artifacts import ArtifactsError, atomic_file, read_jsonl, write_json, write_jsonl
 from ..core.data import LABELS
 from ..core.predictions import binary_metrics
+from .evaluation import add_evaluate_command, run_evaluate
 from .shipping import INDEX_PREFIX
 
 if TYPE_CHECKING:  # annotations only: the drift check imports pandas when it runs
@@ -133,7 +134,7 @@ def _label_id(value) -> int:
     raise ValueError(f"feedback label must be {', '.join(LABELS)}, 0 or 1, got {value!r}")
 
 def concept_check(window: Sequence[dict[str, Any]], # production rows with request_id and index
-                  feedback: Sequence[dict[str, Any]] | None, # labelled rows {"request_id", "index", "label"} (label: name or 0/1)
+                  feedback: Sequence[dict[str, Any]] | None, # labelled predictions from `mlops-ship --feedback` ({"request_id", "index", "label", "predicted"}); rows without `predicted` are matched against the window
                   reference_mcc: float | None, # the model's validation MCC
                   tolerance: float = 0.1, # how far below it the feedback MCC may fall
                   min_feedback: int = MIN_FEEDBACK, # labelled sentences needed for a verdict
@@ -142,8 +143,8 @@ def concept_check(window: Sequence[dict[str, Any]], # production rows with reque
     check = {"kind": "concept", "column": "label", "method": "mcc", "threshold": None if reference_mcc is None else round(reference_mcc - tolerance, 6)}
     if not feedback: return check | {"status": "skipped", "reason": "no labelled feedback"}
     predicted = {(r.get("request_id"), r.get("index")): r["label"] for r in window}
-    pairs = [(_label_id(f["label"]), LABELS.index(predicted[(f["request_id"], f.get("index", 0))]))
-             for f in feedback if (f.get("request_id"), f.get("index", 0)) in predicted]
+    def prediction(f): return f["predicted"] if "predicted" in f else predicted.get((f.get("request_id"), f.get("index", 0)))
+    pairs = [(_label_id(f["label"]), LABELS.index(prediction(f))) for f in feedback if prediction(f) is not None]
     check |= {"feedback": len(feedback), "matched": len(pairs)}
     if len(pairs) < min_feedback: return check | {"status": "skipped", "reason": f"{len(pairs)} labelled predictions, {min_feedback} needed"}
     metrics = binary_metrics([t for t, _ in pairs], [p for _, p in pairs])
@@ -209,13 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--sample", type=int, default=2000, help="sentences (0: all)"); ref.add_argument("--out", required=True, help="reference rows (JSON lines)")
     drift = commands.add_parser("drift", help="compare a window of production rows with the reference")
     drift.add_argument("--serving-dir", required=True, help="the model: its tokenizer and validation MCC"); drift.add_argument("--variant")
-    drift.add_argument("--reference", required=True); drift.add_argument("--window", required=True); drift.add_argument("--feedback")
+    drift.add_argument("--reference", required=True); drift.add_argument("--window", required=True)
+    drift.add_argument("--feedback", help="labelled predictions (JSON lines from mlops-ship --feedback) for the concept check")
     drift.add_argument("--mcc-tolerance", type=float, default=0.1); drift.add_argument("--out", required=True, help="report directory")
     kibana = commands.add_parser("kibana", help="write the Kibana saved objects (and the index template)")
     kibana.add_argument("--out", required=True); kibana.add_argument("--template", help="also write the index template here")
     kibana.add_argument("--index-prefix", default=INDEX_PREFIX, help="the index name prefix")
+    add_evaluate_command(commands)
     args = parser.parse_args(argv)
     try:
+        if args.command == "evaluate": return run_evaluate(args)
         if args.command == "kibana":
             from mlops_basics.ops.dashboards import write_dashboard_files
             write_dashboard_files(args.out, args.template, args.index_prefix); return 0

@@ -260,9 +260,10 @@ def retrain_flow(repo: str = ".", # the checkout with the DVC pipeline
 # %% ../../nbs/13_orchestration.ipynb #d7d3229b
 @task(name="ship logs", cache_policy=NO_CACHE)
 def ship_logs(logs: str, window: Path, since: str, tools: str | None) -> dict[str, Any]:
-    "`mlops-ship` of a log file or a CloudWatch group (`cloudwatch:GROUP`) into the window of production rows; its counts."
+    "`mlops-ship` of a log file or a CloudWatch group (`cloudwatch:GROUP`) into the window of production rows and the labelled ones beside it; its counts."
     source = ["--cloudwatch", logs.removeprefix("cloudwatch:"), "--since", since] if logs.startswith("cloudwatch:") else [logs]
-    return json.loads(run_tool(["mlops-ship", *source, "--window", window], tools=tools).stdout.strip().splitlines()[-1])
+    shipped = run_tool(["mlops-ship", *source, "--window", window, "--feedback", Path(window).with_name("feedback.jsonl")], tools=tools)
+    return json.loads(shipped.stdout.strip().splitlines()[-1])
 
 @task(name="reference profile", cache_key_fn=content_key, persist_result=True, cache_expiration=dt.timedelta(days=30))
 def profile_reference(serving_dir: Path, sample: int, out: Path, tools: str | None) -> Path:
@@ -271,10 +272,10 @@ def profile_reference(serving_dir: Path, sample: int, out: Path, tools: str | No
     return out
 
 @task(name="drift report", cache_key_fn=content_key, persist_result=True, cache_expiration=dt.timedelta(days=30))
-def drift_check(serving_dir: Path, reference: Path, window: Path, out: Path, tools: str | None) -> dict[str, Any]:
-    "`mlops-monitor drift` (exit 1 means drift, which is an answer, not a failure); the summary, also as an artifact."
-    run_tool(["mlops-monitor", "drift", "--serving-dir", serving_dir, "--reference", reference, "--window", window, "--out", out],
-             tools=tools, ok_codes=(0, 1))
+def drift_check(serving_dir: Path, reference: Path, window: Path, out: Path, tools: str | None, feedback: Path | None = None) -> dict[str, Any]:
+    "`mlops-monitor drift` (exit 1 means drift, which is an answer, not a failure), its concept check on the labelled rows; the summary, also as an artifact."
+    run_tool(["mlops-monitor", "drift", "--serving-dir", serving_dir, "--reference", reference, "--window", window, "--out", out,
+              *(["--feedback", feedback] if feedback else [])], tools=tools, ok_codes=(0, 1))
     summary = json.loads((Path(out)/"drift_summary.json").read_text())
     create_markdown_artifact("| check | status | score | threshold |\n|---|---|---|---|\n" + "\n".join(
         f"| {name} | {c['status']} | {c.get('score', '')} | {c.get('threshold', '')} |" for name, c in summary["checks"].items()),
@@ -293,22 +294,25 @@ def monitor_flow(logs: str, # the app's log file, or cloudwatch:GROUP
                  tools: str | None = None, # directories of the course's tools (a PATH prefix)
                  retry_delay_s: float = 30, # pause before retrying a transient fault
                 ) -> dict[str, Any]:
-    "Ship the latest logs, compare them with the training data, and start a retrain on drift."
+    "Ship the latest logs, compare them with the training data and users' labels, and start a retrain on drift or falling labelled agreement."
     work = Path(work_dir).resolve(); work.mkdir(parents=True, exist_ok=True)
     shipped = _retried(ship_logs, retry_delay_s)(logs, work/"window.jsonl", since, tools)
     reference = profile_reference(Path(serving_dir).resolve(), reference_sample, work/"reference.jsonl", tools)
-    summary = drift_check(Path(serving_dir).resolve(), reference, work/"window.jsonl", work/"drift", tools)
+    labelled = work/"feedback.jsonl" if (work/"feedback.jsonl").exists() and (work/"feedback.jsonl").stat().st_size else None
+    summary = drift_check(Path(serving_dir).resolve(), reference, work/"window.jsonl", work/"drift", tools, labelled)
+    falling = bool(labelled) and run_tool(["mlops-monitor", "evaluate", "--feedback", labelled, "--serving-dir", Path(serving_dir).resolve(),
+                                           "--out", work/"evaluation.json"], tools=tools, ok_codes=(0, 1)).returncode == 1  # users' labels (Week 9d)
     triggered = None
-    if summary["failed"]:
+    if summary["failed"] or falling:
         if retrain_deployment:
             from prefect.deployments import run_deployment
             # One retrain per piece of evidence: a later monitor run that sees the same model, reference and window gets the same run back.
-            evidence = content_key(None, {"model": Path(serving_dir).resolve(), "reference": reference, "window": work/"window.jsonl"})
+            evidence = content_key(None, {"model": Path(serving_dir).resolve(), "reference": reference, "window": work/"window.jsonl", "feedback": labelled})
             triggered = str(run_deployment(retrain_deployment, parameters=retrain_parameters or {}, timeout=0, idempotency_key=f"drift-{evidence}",
                                            tags=["drift"], as_subflow=False).id)  # its own run, not a child: it outlives this one
         else:
             triggered = str(retrain_flow(**(retrain_parameters or {}), return_state=True).state_details.flow_run_id)
-    return {"shipped": shipped, "failed": summary["failed"], "retrain_flow_run": triggered}
+    return {"shipped": shipped, "failed": summary["failed"], "agreement_falling": falling, "retrain_flow_run": triggered}
 
 # %% ../../nbs/13_orchestration.ipynb #08423d68
 def _free_port() -> int:

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from fastcore.basics import patch
 
 from ..core.artifacts import write_jsonl
+from .evaluation import feedback_fields, feedback_records, join_feedback
 
 # %% auto #0
 __all__ = ['EVENTS', 'ROW_FIELDS', 'INDEX_PREFIX', 'parse_log_line', 'read_log_lines', 'cloudwatch_log_lines', 'prediction_rows',
@@ -30,7 +31,7 @@ __all__ = ['EVENTS', 'ROW_FIELDS', 'INDEX_PREFIX', 'parse_log_line', 'read_log_l
            'main']
 
 # %% ../../nbs/09a_shipping.ipynb #5c6d9967
-EVENTS = ("predict", "request")  # the `event` values of the app's request log
+EVENTS = ("predict", "request", "feedback")  # the `event` values of the app's request log (feedback: Week 5e)
 
 def parse_log_line(line: str, # one line of a log stream
                   ) -> dict[str, Any] | None:
@@ -114,6 +115,7 @@ def to_documents(record: dict[str, Any], # a request record from `parse_log_line
               "model_version": record.get("model_version")}
     request = {**common, "doc_type": "request", **{k: record[k] for k in ("event", "method", "path", "latency_ms", "variant", "assigned", "n") if k in record},
                "status": status, "error": int(status >= 500), "client_error": int(400 <= status < 500)}
+    if record.get("event") == "feedback": request.update(feedback_fields(record))  # doc_type feedback, for the agreement panel
     pairs = [({"index": {"_index": index, "_id": key}}, request)]
     for row in prediction_rows([record]) if rows is None else rows:
         doc = {**common, "doc_type": "prediction", **{k: row[k] for k in ("index", "label", "score", "p_acceptable", "chars", "tokens", "unknown", "oov_rate", "text") if k in row},
@@ -128,7 +130,8 @@ def index_template(prefix: str = INDEX_PREFIX, # the index name's prefix
     properties = {"@timestamp": {"type": "date"}, "doc_type": keyword, "event": keyword, "request_id": keyword, "method": keyword, "path": keyword,
                   "status": integer, "error": integer, "client_error": integer, "latency_ms": number, "model": keyword, "model_version": keyword,
                   "variant": keyword, "assigned": keyword, "n": integer, "index": integer, "label": keyword, "score": number, "p_acceptable": number,
-                  "chars": integer, "tokens": integer, "unknown": integer, "oov_rate": number, "text": {"type": "text"}}
+                  "chars": integer, "tokens": integer, "unknown": integer, "oov_rate": number, "text": {"type": "text"},
+                  "prediction_request_id": keyword, "predicted": keyword, "verified": integer, "agree": integer}
     return {"index_patterns": [f"{prefix}-*"], "priority": 100,
             "template": {"settings": {"number_of_shards": 1}, "mappings": {"dynamic": "strict", "properties": properties}}}
 
@@ -239,19 +242,22 @@ class ShipStats:
     indexed: int = 0  # documents Elasticsearch accepted
     bulk_requests: int = 0  # batches sent to _bulk, each counted once however often it was sent
     resent: int = 0  # requests sent again because the cluster was busy (429/503): a whole request, or a batch's busy items
+    feedback: int = 0  # accepted feedback records (`event: feedback`)
 
 def ship(lines: Iterable[str], # log lines from a file, stdin or CloudWatch
          indexer: BulkIndexer | None = None, # where to index them; None: no indexing
          prefix: str = INDEX_PREFIX, # index name prefix
+         feedback: list[dict[str, Any]] | None = None, # a list to collect the accepted feedback in (`feedback_records`)
         ) -> tuple[ShipStats, list[dict[str, Any]]]:
     "Index the request records in `lines` and return the stats and their prediction rows."
-    stats, rows = ShipStats(), []
+    stats, rows, feedback = ShipStats(), [], [] if feedback is None else feedback
     for line in lines:
         stats.lines += 1
         record = parse_log_line(line)
         if record is None: continue
         stats.records += 1
         new_rows = prediction_rows([record]); rows += new_rows; stats.predictions += len(new_rows)
+        labelled = feedback_records([record]); feedback += labelled; stats.feedback += len(labelled)
         if indexer is not None:
             for action, doc in to_documents(record, prefix, new_rows): indexer.add(action, doc)
     if indexer is not None:
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-prefix", default=INDEX_PREFIX); parser.add_argument("--batch", type=int, default=500, help="documents per bulk request")
     parser.add_argument("--install-template", action="store_true", help="PUT the index template first")
     parser.add_argument("--window", help="write the prediction rows here (JSON lines)")
+    parser.add_argument("--feedback", help="write the feedback joined to its predictions here (JSON lines, for mlops-monitor)")
     args = parser.parse_args(argv)
     if (args.source is None) == (args.cloudwatch is None):
         print("mlops-ship: give one source: a log file (or - for standard input), or --cloudwatch GROUP", file=sys.stderr); return 2
@@ -290,11 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         else: lines = read_log_lines(args.source)
         indexer = BulkIndexer(args.es_url, args.batch, api_key=os.environ.get("MLOPS_ES_API_KEY")) if args.es_url else None
         if indexer and args.install_template: indexer.put_template(args.index_prefix, index_template(args.index_prefix))
-        stats, rows = ship(lines, indexer, args.index_prefix)
+        stats, rows = ship(lines, indexer, args.index_prefix, feedback := [])
         if args.window: write_jsonl(rows, args.window)
+        joined, counts = join_feedback(rows, feedback)
+        if args.feedback: write_jsonl(joined, args.feedback)
     except BulkError as e:
         print(f"mlops-ship: {e}", file=sys.stderr); return 1
     except (OSError, ValueError) as e:
         print(f"mlops-ship: {e}", file=sys.stderr); return 2
-    print(json.dumps(asdict(stats)))
+    print(json.dumps({**asdict(stats), "labelled": counts["joined"], "unmatched": counts["unmatched"], "duplicates": counts["duplicates"]}))
     return 0

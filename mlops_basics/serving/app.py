@@ -33,6 +33,7 @@ from starlette.datastructures import MutableHeaders
 
 from ..core.artifacts import ArtifactsError
 from .batching import Batcher, merges_exactly, predict_for_request
+from .feedback import FEEDBACK_MAX_BYTES, add_feedback_route
 from .observability import MULTIPROC_ENV, ServingMetrics, configure_request_logging, log_request, server_log_config
 from .predictor import ONNXPredictor
 from .settings import PredictResponse, RequestLimits, ServeSettings, parse_split, request_model, sticky_assignment, too_large
@@ -200,7 +201,8 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 async def body_too_large(request: Request, exc: HTTPException) -> JSONResponse:
     "413 that says the limit (FastAPI's `max_body_size` says only \"Content Too Large\")."
-    return JSONResponse({"detail": too_large(request.app.state.settings.max_body_bytes)}, status_code=413)
+    limit = getattr(request.scope.get("route"), "max_body_size", None) or request.app.state.settings.max_body_bytes  # /feedback has its own
+    return JSONResponse({"detail": too_large(limit)}, status_code=413)
 
 # %% ../../nbs/05_serving.ipynb #f8389e4b
 def add_predict_route(app: FastAPI, # the app, after `init_state`
@@ -253,14 +255,16 @@ def create_app(settings: ServeSettings | None = None, # the serving settings; No
     for p in predictors.values(): p.predict(["Warm up."])
     from mlops_basics import __version__
     app = FastAPI(title="mlops-basics: is this sentence grammatical?", version=__version__,
-                  description="A CoLA classifier (ONNX Runtime). `POST /predict` with `{\"sentences\": [...]}`.",
+                  description="A CoLA classifier (ONNX Runtime). `POST /predict` with `{\"sentences\": [...]}`; `POST /feedback` with a prediction's true label.",
                   lifespan=_answer_queued_on_shutdown)
     init_state(app, settings, predictors)
-    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)  # added first: runs inside `Observe`, which sees its 413/415
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes, json_paths=("/predict", "/feedback"),
+                       path_limits={"/feedback": FEEDBACK_MAX_BYTES})  # added first: runs inside `Observe`, which sees its 413/415
     app.add_middleware(Observe)  # added last: the outermost, around everything else
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(413, body_too_large)
     add_predict_route(app)
+    add_feedback_route(app)  # users' true labels (serving.feedback, Week 5e)
     add_info_routes(app)
     from mlops_basics.serving.protocol import protocol_router  # imported here: the protocol module builds on this one
     app.router.routes.extend(protocol_router().routes)  # the Open Inference Protocol (KServe v2) next to /predict; the routes themselves, so known_paths sees them

@@ -16,6 +16,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ..core.predictions import Prediction
+from .feedback import record_prediction
 from .predictor import ONNXPredictor
 
 
@@ -126,6 +127,7 @@ async def predict_for_request(request: Request, # the request being answered
     chosen = state.predictors[name]
     request.state.model = (name, assigned)  # set first: a failing model's 500 is counted against it
     predictions, stats = await state.batchers[name].predict_with_stats(sentences)
+    record_prediction(state, request.state.request_id, name, chosen.version, [p.label for p in predictions])  # for /feedback to check
     request.state.log = {"variant": chosen.variant, "n": len(predictions),
                          "predictions": _observe_predictions(state, name, chosen, predictions, sentences, stats)}
     return predictions

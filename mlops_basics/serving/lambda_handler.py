@@ -37,12 +37,13 @@ def is_http_event(event: Any, # a Lambda event
     return isinstance(event, dict) and ("requestContext" in event or "httpMethod" in event or "routeKey" in event)
 
 def predict_event(body: Any, # the JSON a direct invocation sends to /predict
+                  path: str = "/predict", # the route to post it to
                  ) -> dict[str, Any]:
-    "An HTTP API (v2) event that posts `body` to `/predict`."
-    return {"version": "2.0", "routeKey": "POST /predict", "rawPath": "/predict", "rawQueryString": "",
+    "An HTTP API (v2) event that posts `body` to `path`."
+    return {"version": "2.0", "routeKey": f"POST {path}", "rawPath": path, "rawQueryString": "",
             "headers": {"content-type": "application/json"}, "body": json.dumps(body), "isBase64Encoded": False,
-            "requestContext": {"http": {"method": "POST", "path": "/predict", "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1",
-                                        "userAgent": "lambda-direct-invoke"}, "routeKey": "POST /predict", "stage": "$default",
+            "requestContext": {"http": {"method": "POST", "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1",
+                                        "userAgent": "lambda-direct-invoke"}, "routeKey": f"POST {path}", "stage": "$default",
                                "requestId": "direct", "accountId": "direct", "apiId": "direct"}}
 
 # %% ../../nbs/08_lambda.ipynb #b14c2e71
@@ -52,13 +53,14 @@ class PredictFailed(RuntimeError):
 def handler(event: Any, # the Lambda event
             context: Any = None, # the Lambda context
            ) -> dict[str, Any]:
-    "Lambda entry point: HTTP events through Mangum, direct invocations as a POST to /predict."
+    "Lambda entry point: HTTP events through Mangum, direct invocations as a POST to /predict (or to /feedback, for a body with a `request_id`)."
     state = runtime()
     if is_http_event(event): return state["mangum"](event, context)
     body = {"sentences": [event["sentence"]]} if isinstance(event, dict) and set(event) == {"sentence"} else event
-    response = state["mangum"](predict_event(body), context)
+    path = "/feedback" if isinstance(event, dict) and "request_id" in event else "/predict"
+    response = state["mangum"](predict_event(body, path), context)
     status = response["statusCode"]
-    if status >= 500: raise PredictFailed(f"/predict failed with status {status}: {response['body']}")  # raw: a 5xx body need not be JSON
+    if status >= 500: raise PredictFailed(f"{path} failed with status {status}: {response['body']}")  # raw: a 5xx body need not be JSON
     payload = json.loads(response["body"])
-    if status != 200: return {"statusCode": status, "error": payload.get("detail")}
+    if not 200 <= status < 300: return {"statusCode": status, "error": payload.get("detail")}
     return payload

@@ -83,14 +83,17 @@ class ServeSettings:
     max_batch_sentences: int = 64  # sentences per merged call at most; a request with more runs alone (MLOPS_MAX_BATCH_SENTENCES)
     max_wait_ms: float = 0.0  # how long a merged call waits for more requests; 0: it takes what is queued (MLOPS_MAX_WAIT_MS)
     batch_calls: int = 2  # merged calls at once per model: while one runs, the next can start (MLOPS_BATCH_CALLS)
+    feedback_per_minute: int = 30  # feedback a client may send per minute, per server process (MLOPS_FEEDBACK_PER_MINUTE)
+    feedback_burst: int = 10  # feedback a client may send at once, per server process (MLOPS_FEEDBACK_BURST)
 
     ENV = {"serving_dir": "MLOPS_SERVING_DIR", "variant": "MLOPS_MODEL_VARIANT", "threads": "MLOPS_THREADS", "max_batch": "MLOPS_MAX_BATCH",
            "max_chars": "MLOPS_MAX_CHARS", "max_body_bytes": "MLOPS_MAX_BODY_BYTES", "log_text": "MLOPS_LOG_TEXT", "models": "MLOPS_MODELS",
            "live_model": "MLOPS_LIVE_MODEL", "ab_split": "MLOPS_AB_SPLIT", "batching": "MLOPS_BATCHING",
-           "max_batch_sentences": "MLOPS_MAX_BATCH_SENTENCES", "max_wait_ms": "MLOPS_MAX_WAIT_MS", "batch_calls": "MLOPS_BATCH_CALLS"}
+           "max_batch_sentences": "MLOPS_MAX_BATCH_SENTENCES", "max_wait_ms": "MLOPS_MAX_WAIT_MS", "batch_calls": "MLOPS_BATCH_CALLS",
+           "feedback_per_minute": "MLOPS_FEEDBACK_PER_MINUTE", "feedback_burst": "MLOPS_FEEDBACK_BURST"}
 
     def __post_init__(self):
-        for name in ("max_batch", "max_chars", "max_body_bytes", "max_batch_sentences", "batch_calls"):
+        for name in ("max_batch", "max_chars", "max_body_bytes", "max_batch_sentences", "batch_calls", "feedback_per_minute", "feedback_burst"):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.max_wait_ms < float("inf"): raise ValueError(f"max_wait_ms must be 0 or more milliseconds, got {self.max_wait_ms}")
         if self.threads < 0: raise ValueError(f"threads must be 0 or more, got {self.threads}")
@@ -117,7 +120,7 @@ class ServeSettings:
         for f in fields(cls):
             raw = environ.get(cls.ENV[f.name])
             if raw is None or raw == "": continue
-            if f.name in ("threads", "max_batch", "max_chars", "max_body_bytes", "max_batch_sentences", "batch_calls"):
+            if f.name in ("threads", "max_batch", "max_chars", "max_body_bytes", "max_batch_sentences", "batch_calls", "feedback_per_minute", "feedback_burst"):
                 if not re.fullmatch(r"\d+", raw.strip()): raise ValueError(f"{cls.ENV[f.name]} must be a whole number, got {raw!r}")
                 values[f.name] = int(raw)
             elif f.name == "max_wait_ms":
@@ -164,8 +167,8 @@ def too_large(max_body_bytes: int) -> str:
 
 class RequestLimits:
     "ASGI middleware for JSON POST routes: 415 unless the body is declared JSON, 413 for a `Content-Length` over `max_body_bytes`."
-    def __init__(self, app, max_body_bytes: int, json_paths: tuple[str, ...] = ("/predict",)):
-        self.app, self.max_body_bytes, self.json_paths = app, max_body_bytes, json_paths
+    def __init__(self, app, max_body_bytes: int, json_paths: tuple[str, ...] = ("/predict",), path_limits: dict[str, int] | None = None):
+        self.app, self.max_body_bytes, self.json_paths, self.path_limits = app, max_body_bytes, json_paths, path_limits or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.json_paths:
@@ -174,7 +177,8 @@ class RequestLimits:
         if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             return await _error(send, 415, "the request body must be JSON: set Content-Type: application/json")
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes: return await _error(send, 413, too_large(self.max_body_bytes))
+        limit = self.path_limits.get(scope["path"], self.max_body_bytes)  # a route may allow less, e.g. /feedback
+        if declared.isdigit() and int(declared) > limit: return await _error(send, 413, too_large(limit))
         await self.app(scope, receive, send)  # a body without a Content-Length is counted by the route's `max_body_size`
 
 async def _error(send, status: int, detail: str):
