@@ -12,9 +12,9 @@ import sys
 
 # %% ../../nbs/98b_orchestration_driver.ipynb #64437155
 def main(request: dict) -> object:
-    from mlops_basics.ops import orchestration as o
+    from mlops_basics.ops import orchestration as o, prefect_server as server
     if "serve" in request:
-        with o.local_prefect_server(request["serve"]) as url:
+        with server.local_prefect_server(request["serve"]) as url:
             print(json.dumps(url), flush=True)
             sys.stdin.read()  # until the test closes the pipe
         return None
@@ -25,13 +25,13 @@ def main(request: dict) -> object:
         return {"state": state.name, "message": state.message, "flow_run_id": str(state.state_details.flow_run_id),
                 "result": result if state.is_completed() else None}
     if "history" in request:
-        return o.run_history(request["history"])
+        return server.run_history(request["history"])
     if "pool" in request:  # the work pool: ensure, apply, trigger, wait (ops.workers)
         from mlops_basics.ops.workers import driver_request
         return driver_request(request["pool"])
     if "apply" in request:
         from prefect import get_client
-        ids = [d.apply() for d in o.deployments_from_yaml(request["apply"])]
+        ids = [d.apply() for d in server.deployments_from_yaml(request["apply"])]
         with get_client(sync_client=True) as client:
             held = [client.read_deployment(i) for i in ids]
         return [{"name": d.name, "parameters": d.parameters, "tags": sorted(d.tags), "crons": [s.schedule.cron for s in d.schedules],

@@ -5,9 +5,6 @@
 # %% ../../nbs/13_orchestration.ipynb #26d255eb
 from __future__ import annotations
 
-# Over 300 lines for one concern, orchestration with Prefect: the two flows, their tasks, and reading back what the API recorded
-# sit in the one module that needs Prefect (and so .venv-prefect); every step itself is a call to an earlier week's tool.
-import contextlib
 import datetime as dt
 import hashlib
 import importlib
@@ -15,11 +12,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,13 +27,12 @@ from .behaviour import THRESHOLDS
 from .releases import CanaryPolicy, LambdaRelease, VariantMetrics, run_canary
 from ..training.pipeline import metric_gate
 
+
 # %% auto #0
-__all__ = ['TRANSIENT', 'CANARY_WINDOW_S', 'STATE_COLOURS', 'ToolError', 'TransientError', 'QualityGateFailed',
-           'ReleaseRolledBack', 'run_tool', 'retry_if_transient', 'content_key', 'resolve', 'fetch_data', 'reproduce',
-           'behaviour_below', 'quality_gate', 'push_data', 'container_build', 'model_version', 'build_image',
-           'push_image', 'cloudwatch_canary_metrics', 'canary_release', 'retrain_flow', 'ship_logs',
-           'profile_reference', 'drift_check', 'monitor_flow', 'local_prefect_server', 'run_history', 'format_history',
-           'plot_timeline', 'deployments_from_yaml']
+__all__ = ['TRANSIENT', 'CANARY_WINDOW_S', 'ToolError', 'TransientError', 'QualityGateFailed', 'ReleaseRolledBack', 'run_tool',
+           'retry_if_transient', 'content_key', 'resolve', 'fetch_data', 'reproduce', 'behaviour_below', 'quality_gate',
+           'push_data', 'container_build', 'model_version', 'build_image', 'push_image', 'cloudwatch_canary_metrics',
+           'canary_release', 'retrain_flow', 'ship_logs', 'profile_reference', 'drift_check', 'monitor_flow']
 
 # %% ../../nbs/13_orchestration.ipynb #774495ad
 class ToolError(RuntimeError):
@@ -313,123 +306,3 @@ def monitor_flow(logs: str, # the app's log file, or cloudwatch:GROUP
         else:
             triggered = str(retrain_flow(**(retrain_parameters or {}), return_state=True).state_details.flow_run_id)
     return {"shipped": shipped, "failed": summary["failed"], "agreement_falling": falling, "retrain_flow_run": triggered}
-
-# %% ../../nbs/13_orchestration.ipynb #08423d68
-def _free_port() -> int:
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-@contextlib.contextmanager
-def local_prefect_server(home: str | Path, # PREFECT_HOME of the server: its SQLite database, its log, the results
-                         port: int | None = None, # None: a free port
-                         timeout_s: float = 120, # how long it may take to answer /health
-                        ):
-    "`prefect server start` on 127.0.0.1 (SQLite, no scheduler, no UI), with Prefect's settings pointing at it; yields the API URL."
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    home = Path(home).resolve(); home.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
-    with open(home/"server.log", "wb") as log:
-        server = subprocess.Popen([str(Path(sys.executable).parent/"prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + timeout_s
-            while True:
-                if server.poll() is not None: raise RuntimeError(f"prefect server exited with {server.returncode}: {(home/'server.log').read_text()[-2000:]}")
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2): break
-                except OSError:
-                    if time.time() > deadline: raise RuntimeError(f"prefect server did not answer {url}/health in {timeout_s:.0f} s") from None
-                    time.sleep(0.5)
-            with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: home/"storage"}):
-                try: yield url
-                finally:  # send the logs and events still queued while the server is there to take them
-                    from prefect.events.worker import EventsWorker
-                    from prefect.logging.handlers import APILogWorker
-                    APILogWorker.drain_all(timeout=10, at_exit=False); EventsWorker.drain_all(timeout=10, at_exit=False)
-        finally:
-            server.terminate(); server.wait(timeout=30)
-
-# %% ../../nbs/13_orchestration.ipynb #534bdba0
-def _iso(t) -> str | None: return t.isoformat() if t else None
-
-def _task_label(task_run) -> str:
-    "The task's name without the run's suffix; `run_deployment`'s stand-in task names the deployment it started."
-    if ".run_deployment." in task_run.task_key: return "start " + task_run.task_key.rsplit(".", 1)[-1]
-    return task_run.name.rsplit("-", 1)[0]
-
-def run_history(flow_names: Sequence[str] = ("retrain", "monitor"), # the flows whose runs to read
-               ) -> list[dict[str, Any]]:
-    "The runs of `flow_names` as the Prefect API recorded them, oldest first, each with its task runs."
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
-    with get_client(sync_client=True) as client:
-        names = {f.id: f.name for f in client.read_flows()}
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=list(flow_names))), sort=FlowRunSort.EXPECTED_START_TIME_ASC)
-        history = []
-        for run in runs:
-            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC)
-            history.append({"flow": names[run.flow_id], "run": run.name, "id": str(run.id), "state": run.state_name,
-                            "message": run.state.message if run.state else None, "start": _iso(run.start_time), "end": _iso(run.end_time),
-                            "tags": sorted(run.tags), "parameters": run.parameters, "deployment_id": str(run.deployment_id) if run.deployment_id else None,
-                            "parent_task_run_id": str(run.parent_task_run_id) if run.parent_task_run_id else None,
-                            "tasks": [{"task": _task_label(t), "state": t.state_name, "run_count": t.run_count,
-                                       "start": _iso(t.start_time), "end": _iso(t.end_time)} for t in tasks]})
-    return history
-
-def _seconds(start: str | None, end: str | None) -> float | None:
-    return (dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds() if start and end else None
-
-def format_history(history: list[dict[str, Any]], # from `run_history`
-                  ) -> str:
-    "One line per flow run (flow, state, duration) and per task run (state, runs, duration): the history as a table."
-    lines = [f"{'flow run':<30} {'task':<18} {'state':<10} {'runs':>4} {'seconds':>8}"]
-    for run in history:
-        took = _seconds(run["start"], run["end"])
-        lines.append(f"{run['flow'] + ': ' + run['run']:<30} {'':<18} {run['state']:<10} {'':>4} {'' if took is None else format(took, '.1f'):>8}")
-        for t in run["tasks"]:
-            took = _seconds(t["start"], t["end"])
-            lines.append(f"{'':<30} {t['task']:<18} {t['state']:<10} {t['run_count']:>4} {'' if took is None else format(took, '.1f'):>8}")
-    return "\n".join(lines)
-
-# %% ../../nbs/13_orchestration.ipynb #88d1f1aa
-STATE_COLOURS = {"Completed": "tab:green", "Cached": "tab:gray", "Failed": "tab:red", "Crashed": "tab:red", "Retrying": "tab:orange"}
-
-def plot_timeline(history: list[dict[str, Any]], # from `run_history`
-                  ax=None, # a matplotlib axes; None: a new figure
-                 ):
-    "Each task run as a bar from its start to its end, one row per task, coloured by its final state; retried ones say so."
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-    bars = [(run, t) for run in history for t in run["tasks"] if t["start"]]
-    if not bars: raise ValueError("no task run has started: nothing to draw")
-    t0 = min(dt.datetime.fromisoformat(t["start"]) for _, t in bars)
-    ax = ax or plt.subplots(figsize=(10, 0.32 * len(bars) + 1.2))[1]
-    for row, (run, t) in enumerate(reversed(bars)):
-        start = (dt.datetime.fromisoformat(t["start"]) - t0).total_seconds()
-        width = max(_seconds(t["start"], t["end"]) or 0.0, 0.3)
-        ax.barh(row, width, left=start, color=STATE_COLOURS.get(t["state"], "tab:blue"), height=0.6)
-        if t["run_count"] > 1: ax.text(start + width + 0.5, row, f"{t['run_count']} runs", va="center", fontsize=8)
-    ax.set_yticks(range(len(bars)), [f"{run['flow']} {run['run']}: {t['task']}" for run, t in reversed(bars)], fontsize=8)
-    ax.set_xlabel("seconds since the first task started")
-    ax.legend(handles=[Patch(color=c, label=s) for s, c in STATE_COLOURS.items() if any(t["state"] == s for _, t in bars)], loc="upper right", fontsize=8)
-    return ax
-
-# %% ../../nbs/13_orchestration.ipynb #da2e3cee
-def deployments_from_yaml(path: str | Path = "prefect.yaml", # a prefect.yaml with `deployments:` (entrypoint, parameters, schedules)
-                         ) -> list:
-    "The deployments of a prefect.yaml as Prefect `RunnerDeployment`s; `prefect.serve(*deployments_from_yaml())` runs them here."
-    import yaml
-    from prefect.schedules import Cron
-    spec = yaml.safe_load(Path(path).read_text())
-    deployments = []
-    for d in spec["deployments"]:
-        module, _, name = d["entrypoint"].partition(":")
-        flow_ = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
-        flow_.validate_parameters(d.get("parameters") or {})  # a typo in prefect.yaml fails here, not at 04:00 on Monday
-        deployments.append(flow_.to_deployment(name=d["name"], description=d.get("description"), tags=d.get("tags"), parameters=d.get("parameters") or {},
-                                               schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in d.get("schedules", [])]))
-    return deployments
