@@ -8,8 +8,8 @@ import time
 import pytest
 
 from mlops_basics.core.artifacts import read_metadata
-from mlops_basics.devtools.test_utils import BIN, TINY_TRAIN, run_cli
-from mlops_basics.training.sweep import SweepError, best_overrides, load_space, local_postgres, open_study, trials_table
+from mlops_basics.devtools.test_utils import BIN, TINY_TRAIN, local_postgres, run_cli
+from mlops_basics.training.sweep import SweepError, best_overrides, load_space, open_study, trials_table
 
 TINY = [*TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.synthetic_negatives=0"]
 

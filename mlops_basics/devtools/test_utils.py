@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 # %% auto #0
 __all__ = ['BIN', 'TINY_BACKBONE', 'TINY_TRAIN', 'AWS_TEST_CREDENTIALS', 'free_port', 'http', 'wait_for_http', 'process_stopped',
            'run_cli', 'json_lines', 'tiny_model_dir', 'tiny_serving_dir', 'running_server', 'serve', 'moto_server',
-           'cola_copies']
+           'cola_copies', 'local_postgres']
 
 # %% ../../nbs/97_test_utils.ipynb #e898b152
 _PORTS_GIVEN: set[int] = set()
@@ -212,3 +213,37 @@ def cola_copies(
         with zipfile.ZipFile(zips[0]) as z:
             z.extractall(scratch)
     return zips[0], raw
+
+# %% ../../nbs/97_test_utils.ipynb #38e7f6b7
+def _postgres_bin(name: str) -> str:
+    "A PostgreSQL server program, from PATH or Debian's /usr/lib/postgresql/<version>/bin."
+    found = shutil.which(name) or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None)
+    if not found: raise FileNotFoundError(f"{name} not found: install PostgreSQL (Debian package postgresql)")
+    return found
+
+@contextlib.contextmanager
+def local_postgres(database: str = "optuna", # the database to create
+                  ) -> Iterator[str]:
+    "A throwaway PostgreSQL server on 127.0.0.1: yields the SQLAlchemy URL of `database`, then stops and deletes the server."
+    import psycopg
+    home, port = Path(tempfile.mkdtemp(prefix="mlops-postgres-")), free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses to run as root
+    if as_postgres: shutil.chown(home, "postgres")
+    server = None
+    try:
+        subprocess.run([*as_postgres, _postgres_bin("initdb"), "-D", str(home/"data"), "-U", "mlops", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True, timeout=120)
+        with open(home/"server.log", "wb") as log:
+            server = subprocess.Popen([*as_postgres, _postgres_bin("postgres"), "-D", str(home/"data"), "-p", str(port), "-h", "127.0.0.1",
+                                       "-k", str(home)], stdout=log, stderr=subprocess.STDOUT)
+        for _ in range(600):
+            if server.poll() is not None: raise RuntimeError(f"PostgreSQL stopped at start:\n{(home/'server.log').read_text()[-2000:]}")
+            try:
+                with psycopg.connect(host="127.0.0.1", port=port, user="mlops", dbname="postgres", autocommit=True) as db:
+                    db.execute(f'CREATE DATABASE "{database}"'); break
+            except psycopg.OperationalError: time.sleep(0.1)
+        else: raise RuntimeError("PostgreSQL did not accept connections within 60 s")
+        yield f"postgresql+psycopg://mlops@127.0.0.1:{port}/{database}"
+    finally:
+        if server and server.poll() is None: server.terminate(); server.wait(timeout=60)
+        shutil.rmtree(home, ignore_errors=True)

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import optuna
 from omegaconf import OmegaConf
@@ -33,9 +30,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 
 # %% auto #0
-__all__ = ['SPACE_DIR', 'SweepError', 'SearchSpace', 'load_space', 'trial_overrides', 'local_postgres', 'open_study',
-           'TrialFailed', 'run_trial', 'run_worker', 'trials_table', 'snapshot', 'best_overrides', 'plot_trials',
-           'main']
+__all__ = ['SPACE_DIR', 'SweepError', 'SearchSpace', 'load_space', 'trial_overrides', 'open_study', 'TrialFailed', 'run_trial',
+           'run_worker', 'trials_table', 'snapshot', 'best_overrides', 'plot_trials', 'main']
 
 # %% ../../nbs/02b_sweeps.ipynb #082924b0
 SPACE_DIR = Path(__file__).parents[1]/"conf"/"sweep" if "__file__" in globals() else Path("../mlops_basics/conf/sweep").resolve()
@@ -98,43 +94,6 @@ def trial_overrides(trial: optuna.Trial, # a trial of the study
         else: value = trial.suggest_float(key, float(p["low"]), float(p["high"]), log=bool(p.get("log")))
         overrides.append(f"{key}={value}")
     return overrides
-
-# %% ../../nbs/02b_sweeps.ipynb #38e7f6b7
-def _postgres_bin(name: str) -> str:
-    found = shutil.which(name) or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None)
-    if not found: raise SweepError(f"{name} not found: install PostgreSQL (Debian package postgresql)")
-    return found
-
-def _free_port() -> int:
-    "A TCP port on 127.0.0.1 that nothing listens on now."
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-@contextmanager
-def local_postgres(database: str = "optuna", # the database to create
-                  ) -> Iterator[str]:
-    "A throwaway PostgreSQL server on 127.0.0.1: yields the SQLAlchemy URL of `database`, then stops and deletes the server."
-    import psycopg
-    home, port = Path(tempfile.mkdtemp(prefix="mlops-postgres-")), _free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses to run as root
-    if as_postgres: shutil.chown(home, "postgres")
-    server = None
-    try:
-        subprocess.run([*as_postgres, _postgres_bin("initdb"), "-D", str(home/"data"), "-U", "mlops", "--auth=trust", "-E", "UTF8"],
-                       check=True, capture_output=True, timeout=120)
-        with open(home/"server.log", "wb") as log:
-            server = subprocess.Popen([*as_postgres, _postgres_bin("postgres"), "-D", str(home/"data"), "-p", str(port), "-h", "127.0.0.1",
-                                       "-k", str(home)], stdout=log, stderr=subprocess.STDOUT)
-        for _ in range(600):
-            if server.poll() is not None: raise SweepError(f"PostgreSQL stopped at start:\n{(home/'server.log').read_text()[-2000:]}")
-            try:
-                with psycopg.connect(host="127.0.0.1", port=port, user="mlops", dbname="postgres", autocommit=True) as db:
-                    db.execute(f'CREATE DATABASE "{database}"'); break
-            except psycopg.OperationalError: time.sleep(0.1)
-        else: raise SweepError("PostgreSQL did not accept connections within 60 s")
-        yield f"postgresql+psycopg://mlops@127.0.0.1:{port}/{database}"
-    finally:
-        if server and server.poll() is None: server.terminate(); server.wait(timeout=60)
-        shutil.rmtree(home, ignore_errors=True)
 
 # %% ../../nbs/02b_sweeps.ipynb #b79db760
 def open_study(storage: str, # a SQLAlchemy URL: postgresql+psycopg://user@host/db, sqlite:///sweep.db
