@@ -30,7 +30,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from serving_benchmark import cpu_model, parse_wrk, wrk_version  # noqa: E402  (same wrk parsing as the serving benchmark)
+from serving_benchmark import (  # noqa: E402  (same wrk parsing as the serving benchmark)
+    SENTENCES,  # the same eight sentences in every serving benchmark
+    cpu_model,
+    parse_wrk,
+    wrk_version,
+)
 
 from mlops_basics.devtools.test_utils import free_port, http, process_stopped, wait_for_http  # noqa: E402
 
@@ -38,16 +43,6 @@ RESULT = ROOT / "benchmarks" / "results" / "protocol.json"
 SCRATCH = ROOT / "benchmarks" / "runs" / "protocol"  # git-ignored
 BIN = Path(sys.executable).parent
 SERVERS = ("app", "app-no-batching", "mlserver", "mlserver-batching", "naive")
-SENTENCES = [
-    "The book was read by the student.",
-    "Book the the read.",
-    "She sang beautifully at the concert last night.",
-    "Who do you think that left?",
-    "The more you eat, the fatter you get.",
-    "John seems that is happy.",
-    "The children are playing in the garden.",
-    "Mary wondered whether to leave.",
-]
 NAIVE_APP = '''"""The serving app a user writes first: FastAPI, transformers and PyTorch, the model run on each request's sentences."""
 import os
 

@@ -22,22 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from serving_benchmark import SENTENCES  # the same eight sentences in every serving benchmark
+
 from mlops_basics.devtools.test_utils import free_port, http
 
 ROOT = Path(__file__).resolve().parents[1]
 from serving_benchmark import cpu_model  # noqa: E402  (run as a script: benchmarks/ is on the path)
 
 RESULT = ROOT / "benchmarks" / "results" / "soak.json"
-SENTENCES = [
-    "The book was read by the student.",
-    "Book the the read.",
-    "She sang beautifully at the concert last night.",
-    "Who do you think that left?",
-    "The more you eat, the fatter you get.",
-    "John seems that is happy.",
-    "The children are playing in the garden.",
-    "Mary wondered whether to leave.",
-]
 JSON = "application/json"
 INVALID = [  # (body, content type, the status it must get)
     (b'{"sentences": []}', JSON, 422),
