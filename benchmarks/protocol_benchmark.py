@@ -34,6 +34,7 @@ from serving_benchmark import (  # noqa: E402  (same wrk parsing as the serving 
     SENTENCES,  # the same eight sentences in every serving benchmark
     cpu_model,
     parse_wrk,
+    run_wrk,
     wrk_version,
 )
 
@@ -102,13 +103,7 @@ def load(url: str, path: str, kind: str, batch: int, duration: int, connections:
     "wrk against `url``path` with `batch` sentences per request: a short warm-up, then `duration` seconds measured."
     lua = work / f"{kind}-{batch}.lua"
     lua.write_text(LUA.format(path=path, bodies=", ".join(f"[==[{b}]==]" for b in bodies(kind, batch))))
-    subprocess.run(["wrk", "-t1", f"-c{connections}", "-d3s", "-s", str(lua), url], capture_output=True, check=True)
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(lua), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_wrk(url, lua, connections, duration, warmup=3)
     result = parse_wrk(out)
     if set(result["latency_ms"]) != {"p50", "p75", "p90", "p99"}:
         raise RuntimeError(f"wrk's latency distribution is missing:\n{out}")

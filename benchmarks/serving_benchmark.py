@@ -182,6 +182,14 @@ def lambda_runtime(tag: str, warm_events: int) -> dict:
     }
 
 
+def run_wrk(url: str, lua: Path, connections: int, duration: float, warmup: float = 0) -> str:
+    "wrk's report of `duration` seconds at `connections` connections with `lua`'s requests, after an unreported `warmup`."
+    if warmup:
+        subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{warmup}s", "-s", str(lua), url], capture_output=True, check=True)
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(lua), url]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
 def parse_wrk(output: str) -> dict:
     "Requests/s, latency percentiles (ms) and errors from `wrk --latency` output."
 
@@ -206,19 +214,8 @@ def http_load(tag: str, workers: int, threads: int, duration: int, connections: 
     "wrk against the HTTP server container with `workers` processes of `threads` ONNX Runtime threads each."
     env = ["--env", f"WORKERS={workers}", "--env", f"MLOPS_THREADS={threads}"]
     with run_http_container(tag, *env) as (url, name, healthy_s):
-        subprocess.run(["wrk", "-t1", f"-c{connections}", "-d5s", "-s", str(lua), url], capture_output=True, check=True)  # warm-up
-        out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(lua), url],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        single = subprocess.run(
-            ["wrk", "-t1", "-c1", f"-d{max(1, duration // 6)}s", "--timeout", "10s", "--latency", "-s", str(lua), url],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout  # one request at a time: latency without queueing
+        out = run_wrk(url, lua, connections, duration, warmup=5)
+        single = run_wrk(url, lua, 1, max(1, duration // 6))  # one request at a time: latency without queueing
         peak, rss = container_memory_peak_bytes(name), container_peak_rss_bytes(name)
         stats = podman("stats", "--no-stream", "--format", "json", name, check=False).stdout
     result = {
