@@ -5,15 +5,15 @@
 # %% ../../nbs/00b_predictions.ipynb #5389b5b1
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-
 # %% auto #0
-__all__ = ['Prediction', 'softmax', 'predictions_from_logits', 'as_sentences', 'BasePredictor', 'confusion_matrix',
-           'binary_metrics']
+__all__ = ['Prediction', 'softmax', 'predictions_from_logits', 'as_sentences', 'sentence_case', 'BasePredictor',
+           'confusion_matrix', 'binary_metrics']
 
 # %% ../../nbs/00b_predictions.ipynb #311bffa7
 @dataclass(frozen=True)
@@ -59,6 +59,16 @@ def as_sentences(sentences: str | Iterable[str], # one sentence or several
         if not isinstance(s, str): raise TypeError(f"sentence {i} is a {type(s).__name__}, not a string")
     return items
 
+# %% ../../nbs/00b_predictions.ipynb #e80c3d38
+_FIRST_LETTER = re.compile(r"[^\W\d_]")
+
+def sentence_case(sentence: str, # one sentence
+                 ) -> str:
+    "`sentence` in sentence case if it is written all in capitals (first letter and the pronoun I upper case); unchanged otherwise."
+    if not sentence.isupper() or sum(map(str.isalpha, sentence)) < 2: return sentence  # "I." or "A" are not shouting
+    lowered = re.sub(r"\bi\b", "I", sentence.lower())
+    return _FIRST_LETTER.sub(lambda m: m.group().upper(), lowered, count=1)
+
 # %% ../../nbs/00b_predictions.ipynb #45601823
 class BasePredictor:
     "Batching and post-processing shared by every predictor; subclasses implement `batch_logits`."
@@ -70,6 +80,12 @@ class BasePredictor:
         self.metadata, self.batch_size = metadata, batch_size
         self.labels: list[str] = list(metadata["labels"])
         self.max_length: int = int(metadata["max_length"])
+        self.all_caps_to_sentence_case: bool = bool(metadata.get("all_caps_to_sentence_case", True))  # recorded by mlops-export
+
+    def prepare(self, sentences: str | Iterable[str]) -> list[str]:
+        "The checked list of sentences the model sees: all-caps ones in sentence case (unless the metadata turns it off)."
+        items = as_sentences(sentences)
+        return [sentence_case(s) for s in items] if self.all_caps_to_sentence_case else items
 
     def batch_logits(self, sentences: list[str]) -> np.ndarray:
         "Logits of one batch, shape (len(sentences), n_labels)."
@@ -77,7 +93,7 @@ class BasePredictor:
 
     def logits(self, sentences: str | Iterable[str]) -> np.ndarray:
         "Logits for any number of sentences, computed `batch_size` at a time."
-        items = as_sentences(sentences)
+        items = self.prepare(sentences)
         if not items: return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate([self.batch_logits(items[i:i + self.batch_size]) for i in range(0, len(items), self.batch_size)])
 

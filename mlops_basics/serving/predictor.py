@@ -15,7 +15,7 @@ from tokenizers import Encoding, Tokenizer
 
 from ..core.artifacts import ArtifactsError, read_metadata
 from ..core.data import sha256_file
-from ..core.predictions import BasePredictor, Prediction, as_sentences, predictions_from_logits
+from ..core.predictions import BasePredictor, Prediction, predictions_from_logits
 
 # %% auto #0
 __all__ = ['load_tokenizer', 'encodings_to_arrays', 'encode_batch', 'check_serving_files', 'ONNXPredictor']
@@ -116,13 +116,13 @@ def encoded_stats(self: ONNXPredictor, encodings: list[Encoding]) -> list[tuple[
 @patch
 def token_stats(self: ONNXPredictor, sentences: str | list[str]) -> list[tuple[int, int]]:
     "(tokens, unknown tokens) of each sentence, truncation included: what monitoring watches for drift."
-    return self.encoded_stats(self.tokenizer.encode_batch(as_sentences(sentences)))
+    return self.encoded_stats(self.tokenizer.encode_batch(self.prepare(sentences)))
 
 # %% ../../nbs/04b_predictor.ipynb #52310c23
 @patch
 def predict_with_stats(self: ONNXPredictor, sentences: str | list[str]) -> tuple[list[Prediction], list[tuple[int, int]]]:
     "`predict` and `token_stats` together, tokenizing each sentence once: what the app calls."
-    items, logits, stats = as_sentences(sentences), [np.zeros((0, len(self.labels)), dtype=np.float32)], []
+    items, logits, stats = self.prepare(sentences), [np.zeros((0, len(self.labels)), dtype=np.float32)], []
     for start in range(0, len(items), self.batch_size):
         encodings = self.tokenizer.encode_batch(items[start:start + self.batch_size])
         logits.append(self.encoded_logits(encodings)); stats += self.encoded_stats(encodings)

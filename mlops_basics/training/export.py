@@ -196,7 +196,7 @@ def serving_metadata(model, trained: dict, fp32, comparison: dict, variants: dic
                      fused, max_mcc_drop: float) -> dict[str, Any]:
     "The serving directory's metadata.json: what it serves, how it was checked, and where it came from."
     return {"format": ARTIFACTS_FORMAT, "kind": "serving", "labels": trained["labels"], "max_length": max_length,
-            "vocab_size": int(model.config.vocab_size), "inputs": [i.name for i in fp32.get_inputs()],
+            "vocab_size": int(model.config.vocab_size), "all_caps_to_sentence_case": True, "inputs": [i.name for i in fp32.get_inputs()],
             "opset": opset, "fused_operators": fused, "variants": variants,
             "default_variant": choose_default_variant(comparison, max_mcc_drop),
             "pytorch_metrics": comparison["pytorch"]["metrics"], "validation_sentences": len(splits.validation),
