@@ -18,7 +18,7 @@ def has_flag(notebook: Path, flag: str) -> bool:
 
 
 # Pages whose framework cannot share .venv (its pins clash with constraints.txt) run in their own environment.
-OWN_VENV = {"13_orchestration": "prefect_python", "13a_prefect_server": "prefect_python", "13b_workers": "prefect_python"}
+OWN_VENV = {"13_orchestration": "prefect_python", "13a_prefect_server": "prefect_python", "13b_workers": "prefect_python", "13c_closing_the_loop": "prefect_python"}
 
 
 def nbdev_test(notebook: Path, *flags: str, bin_dir: Path = BIN):
