@@ -58,8 +58,17 @@ def test_train_and_export_every_family(family, tmp_path):
     from mlops_basics.serving.predictor import ONNXPredictor
 
     options = ["model.dropout=0.2", "training.layer_decay=0.8", "training.reinit_layers=1"]
-    proc = run_cli("mlops-train", *TINY_TRAIN, f"model.backbone={FAMILIES[family]}", *options, "trainer.max_epochs=1",
-                   "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", f"paths.root={tmp_path}", cwd=tmp_path)
+    proc = run_cli(
+        "mlops-train",
+        *TINY_TRAIN,
+        f"model.backbone={FAMILIES[family]}",
+        *options,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=2",
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_metadata(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == family
