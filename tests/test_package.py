@@ -77,7 +77,7 @@ def test_library_matches_the_notebooks(tmp_path):
 
 def test_mlops_train_help():
     proc = run_cli("mlops-train", "--help")
-    assert proc.returncode == 0 and "model: bert_tiny, distilbert_gec, minilm, mpnet, tiny_random" in proc.stdout
+    assert proc.returncode == 0 and "model: bert_tiny, minilm, mpnet, tiny_random" in proc.stdout
 
 
 def test_jupyter_lab_serves_the_notebooks(tmp_path):

@@ -134,7 +134,8 @@ def test_hub_id_trains_and_exports_offline(tmp_path):
     assert source["location"] == str(tmp_path / "hf" / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / MINILM_REVISION)
     proc = run_cli("mlops-export", run / "model", tmp_path / "serving", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "serving" / "model.onnx").is_file() or list((tmp_path / "serving").glob("*.onnx"))
+    served = read_metadata(tmp_path / "serving")
+    assert served["variants"] and all((tmp_path / "serving" / v["file"]).is_file() for v in served["variants"].values())
 
 
 @pytest.mark.parametrize(
