@@ -22,6 +22,7 @@ def test_train_writes_the_artifacts_contract(tiny_model_dir):
     assert meta["labels"] == ["unacceptable", "acceptable"] and meta["max_length"] == 128
     assert set(meta["metrics"]) == {"mcc", "accuracy", "f1", "precision", "recall"}
     assert meta["config"]["model"]["backbone"] == "tiny-random-bert"
+    assert meta["backbone_source"]["name"] == "tiny-random-bert" and meta["backbone_source"]["random_init"]["model_type"] == "bert"
     assert len(meta["data_sha256"]) == 64 and meta["git"].keys() == {"commit", "dirty"}
     assert sum(map(sum, meta["confusion_matrix"])) == 1043
     assert all(p.stat().st_mode & 0o444 == 0o444 for p in tiny_model_dir.iterdir())  # readable by a non-root server
