@@ -18,9 +18,15 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
     python3 -m venv /build && /build/bin/pip wheel --no-cache-dir --disable-pip-version-check --use-pep517 --no-deps --wheel-dir /dist .
 
-# Stage 2: the image itself, on the same base.
-FROM ${BASE}
+# Stage 2: the serving directory with only the variant it serves (metadata.json's default_variant); the other stays in DVC.
+FROM ${BASE} AS model
 ARG SERVING_DIR=artifacts/serving
+COPY ${SERVING_DIR} /serving
+RUN python3 -c "import json, pathlib; d = pathlib.Path('/serving'); m = json.loads((d / 'metadata.json').read_text()); \
+[(d / v['file']).unlink() for name, v in m['variants'].items() if name != m['default_variant']]"
+
+# Stage 3: the image itself, on the same base.
+FROM ${BASE}
 LABEL org.opencontainers.image.title="mlops-basics" \
       org.opencontainers.image.description="A CoLA grammar classifier served by FastAPI or AWS Lambda on ONNX Runtime" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -48,7 +54,7 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mlops
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/mlops-entrypoint
 # Owned by root and read-only for the server; mlops-export writes its files 0644, so the non-root user can read them.
-COPY ${SERVING_DIR} /opt/mlops/serving
+COPY --from=model /serving /opt/mlops/serving
 # A numeric user, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 # Fail the build, not the first request, when the serving directory is incomplete, corrupt or unreadable.

@@ -1,7 +1,7 @@
-"""Compare the two int8 methods of `mlops-export` with fp32 on trained models.
+"""Compare the int8 methods of `mlops-export` with fp32 on trained models.
 
-For each serving directory: quantise its fp32 graph `dynamic`ally and `blockwise` (Week 4a), then measure on CoLA's 1043
-validation sentences each variant's MCC, how many predictions agree with fp32, the largest logit difference, whether a
+For each serving directory: quantise its fp32 graph with each method (`static`, calibrated on the first 256 training sentences as
+mlops-export does; `dynamic`; `blockwise`: Week 4a), then measure on CoLA's 1043 validation sentences each variant's MCC, how many predictions agree with fp32, the largest logit difference, whether a
 sentence's logits stay the same alone and in a batch of 32, the file size, batch-1 latency (p50 over 300 sentences, one
 call each) and batch-32 throughput, at 2 ONNX Runtime threads. Writes benchmarks/results/quantization.json (rendered by
 nbs/04a_export.ipynb and nbs/benchmarks.ipynb). Run on an otherwise idle machine:
@@ -57,22 +57,23 @@ def measure(path: Path, tokenizer, sentences: list[str]) -> tuple[np.ndarray, di
     }
 
 
-def compare(serving_dir: Path, sentences: list[str], labels: list[int]) -> dict:
-    "fp32, dynamic int8 and blockwise int8 of one serving directory."
+def compare(serving_dir: Path, sentences: list[str], labels: list[int], train: list[str]) -> dict:
+    "fp32 and each int8 method of one serving directory (static calibrated on `train`, as mlops-export does)."
     from mlops_basics.core.artifacts import read_metadata
     from mlops_basics.core.predictions import binary_metrics
-    from mlops_basics.serving.predictor import load_tokenizer
-    from mlops_basics.training.export import INT8_METHODS, SERVING_FILES, quantize_int8
+    from mlops_basics.serving.predictor import encode_batch, load_tokenizer
+    from mlops_basics.training.export import CALIBRATION_SENTENCES, INT8_METHODS, SERVING_FILES, quantize_int8
 
     metadata = read_metadata(serving_dir)
     tokenizer = load_tokenizer(serving_dir / "tokenizer.json", metadata["max_length"])
     fp32 = serving_dir / SERVING_FILES["fp32"]
+    calibration = [encode_batch(tokenizer, train[i : i + 16]) for i in range(0, CALIBRATION_SENTENCES, 16)]
     reference, speed = measure(fp32, tokenizer, sentences)
     fp32_mcc = binary_metrics(labels, reference.argmax(1))["mcc"]
     variants = {"fp32": {"mcc": round(fp32_mcc, 4), **speed}}
     with tempfile.TemporaryDirectory() as work:
         for method in INT8_METHODS:
-            logits, speed = measure(quantize_int8(fp32, Path(work) / f"{method}.onnx", method), tokenizer, sentences)
+            logits, speed = measure(quantize_int8(fp32, Path(work) / f"{method}.onnx", method, calibration), tokenizer, sentences)
             mcc = binary_metrics(labels, logits.argmax(1))["mcc"]
             variants[method] = {
                 "mcc": round(mcc, 4),
@@ -99,12 +100,12 @@ def main(argv=None):
     from mlops_basics.core.artifacts import write_json
     from mlops_basics.core.data import load_cola
 
-    validation = load_cola(None).validation
-    sentences, labels = [e.sentence for e in validation], [e.label for e in validation]
+    splits = load_cola(None)
+    sentences, labels = [e.sentence for e in splits.validation], [e.label for e in splits.validation]
     models = {}
     for spec in args.models:
         name, _, directory = spec.partition("=")
-        models[name] = compare(Path(directory).resolve(), sentences, labels)
+        models[name] = compare(Path(directory).resolve(), sentences, labels, [e.sentence for e in splits.train])
         for variant, v in models[name]["variants"].items():
             print(
                 f"{name:<20} {variant:<10} MCC {v['mcc']:.4f} agree {v.get('agreement_with_fp32', 1):.4f} {v['bytes'] / 1e6:6.1f} MB "
@@ -113,8 +114,9 @@ def main(argv=None):
             )
     write_json(
         {
-            "what": "fp32 against int8 quantised dynamically (per-column weights, per-tensor activations) and blockwise (weights and each "
-            "token's activations per block of 32), on CoLA's validation sentences",
+            "what": "fp32 against int8 quantised statically (per-column weights, activation ranges calibrated on 256 training sentences), "
+            "dynamically (per-column weights, per-tensor activations of each call) and blockwise (weights and each token's activations "
+            "per block of 32), on CoLA's validation sentences",
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
             "threads": THREADS,
             "date": dt.date.today().isoformat(),

@@ -106,7 +106,9 @@ def test_no_ca_bundle_or_secret_in_history_or_layers(image):
     # What must not be anywhere: the canary of the secret file, the secret file itself, and this machine's own CA certificates.
     needles = [image.canary.encode()] + [c.splitlines()[1].encode() for c in local_certificates(CA_BUNDLE)]
     forbidden_hashes = {hashlib.sha256(image.secret.read_bytes()).hexdigest(), hashlib.sha256(CA_BUNDLE.read_bytes()).hexdigest()}
-    model_sha = json.loads((image.work / "context" / "artifacts" / "serving" / "metadata.json").read_text())["variants"]["fp32"]["sha256"]
+    metadata = json.loads((image.work / "context" / "artifacts" / "serving" / "metadata.json").read_text())
+    model_sha = metadata["variants"][metadata["default_variant"]]["sha256"]
+    unserved = {f"opt/mlops/serving/{v['file']}" for name, v in metadata["variants"].items() if name != metadata["default_variant"]}
     found, paths, layers, model_seen = [], set(), set(), False
     for layer, path, data in image_files(image.tag, image.work / "image.tar"):
         paths.add(path.lstrip("./"))
@@ -120,6 +122,7 @@ def test_no_ca_bundle_or_secret_in_history_or_layers(image):
     assert not [p for p in paths if "run/secrets/" in p or "ca_bundle" in p], sorted(p for p in paths if "secret" in p)
     # The scan saw the whole image: the base, the venv and the model (a scan that saw nothing would find nothing).
     assert {"usr/bin/python3.11", "opt/venv/bin/mlops-serve", "opt/mlops/serving/metadata.json"} <= paths and model_seen and len(layers - {""}) >= 2
+    assert unserved and not unserved & paths, unserved & paths  # only the variant it serves ships; the other stays in DVC
 
 
 @pytest.mark.slow

@@ -33,10 +33,10 @@ from ..core.predictions import binary_metrics
 from .backbones import quiet_transformers
 
 # %% auto #0
-__all__ = ['OPSET', 'MODEL_INPUTS', 'INT8_METHODS', 'SERVING_FILES', 'TOKENIZER_FILE', 'load_for_export', 'LogitsOnly',
-           'export_onnx', 'make_session', 'onnx_logits', 'optimize_onnx', 'quantize_int8', 'encode_numpy',
-           'validation_logits', 'torch_predict_batch', 'compare_variants', 'choose_default_variant', 'serving_metadata',
-           'export_serving', 'main']
+__all__ = ['OPSET', 'MODEL_INPUTS', 'INT8_METHODS', 'FLOAT_DEFAULT', 'SERVING_FILES', 'TOKENIZER_FILE', 'CALIBRATION_SENTENCES',
+           'load_for_export', 'LogitsOnly', 'export_onnx', 'make_session', 'onnx_logits', 'optimize_onnx',
+           'encode_numpy', 'calibration_batches', 'quantize_int8', 'validation_logits', 'torch_predict_batch',
+           'compare_variants', 'choose_default_variant', 'serving_metadata', 'export_serving', 'main']
 
 # %% ../../nbs/04a_export.ipynb #efe587a0
 def load_for_export(model_dir: str | Path, # an artifacts directory written by training
@@ -112,38 +112,6 @@ def optimize_onnx(source: str | Path, # the exported .onnx file
     return {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
 
 # %% ../../nbs/04a_export.ipynb #4e1a63c4
-INT8_METHODS = ("dynamic", "blockwise")  # in the order `export_serving` tries them
-
-def quantize_int8(source: str | Path, # an (optimised) fp32 .onnx file
-                  target: str | Path, # where to write the int8 graph
-                  method: str = "dynamic", # `dynamic`: one scale per weight column and per activation tensor; `blockwise`: per block of 32
-                 ) -> Path:
-    "Quantise the matrix multiplications of `source` to int8 with `method`."
-    if method not in INT8_METHODS: raise ValueError(f"unknown int8 method {method!r}: use one of {', '.join(INT8_METHODS)}")
-    # the quantisers log advice (static calibration) and every node they skip or convert, at INFO and WARNING
-    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
-    levels = [l.level for l in loggers]
-    for l in loggers: l.setLevel(logging.ERROR)
-    try:
-        if method == "dynamic":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-            # per_channel: one scale for a whole weight matrix lets its largest column set the step for all of them; on one trained
-            # model that cost 0.012 validation MCC, one scale per column 0.002 (and 0.1 ms a sentence)
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        else:
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-            # accuracy_level 4 multiplies in int8, quantising each token's activations per block of 32 as they arrive: an
-            # outlier then coarsens its own block, not the whole batch's tensor as in `dynamic`
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4)
-            quantizer.process()
-            quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
-    finally:
-        for l, level in zip(loggers, levels): l.setLevel(level)
-    onnx.checker.check_model(str(target), full_check=True)
-    return Path(target)
-
-# %% ../../nbs/04a_export.ipynb #cbeb2483
 def encode_numpy(tokenizer, # a Hugging Face tokenizer
                  sentences: Sequence[str], # sentences to encode
                  max_length: int, # truncation length
@@ -151,6 +119,69 @@ def encode_numpy(tokenizer, # a Hugging Face tokenizer
     "Padded int64 numpy encodings of `sentences`."
     return dict(tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="np"))
 
+def calibration_batches(tokenizer, # a Hugging Face tokenizer
+                        sentences: Sequence[str], # training sentences: what the model will see, never the validation set
+                        max_length: int, # truncation length
+                        batch_size: int = 16, # sentences per batch
+                       ) -> list[dict[str, np.ndarray]]:
+    "Encoded batches of `sentences` from which static quantisation measures each activation's range."
+    return [encode_numpy(tokenizer, sentences[i:i + batch_size], max_length) for i in range(0, len(sentences), batch_size)]
+
+INT8_METHODS = ("static", "dynamic", "blockwise")  # in the order `export_serving` tries them
+FLOAT_DEFAULT = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # the fused operators carry no type the quantiser can infer
+
+def _calibration_reader(batches: Sequence[dict[str, np.ndarray]], inputs: Sequence[str]):
+    "An ONNX Runtime `CalibrationDataReader` over encoded `batches`, keeping the graph's `inputs`."
+    from onnxruntime.quantization import CalibrationDataReader
+    class Reader(CalibrationDataReader):
+        def __init__(self): self.batches = iter([{k: v for k, v in b.items() if k in inputs} for b in batches])
+        def get_next(self): return next(self.batches, None)
+    return Reader()
+
+def _drop_unused_initializers(path: Path):
+    "Remove the initializers no node reads (static quantisation leaves one behind, and ONNX Runtime warns at every load)."
+    model = onnx.load(str(path))
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    for unused in [t for t in model.graph.initializer if t.name not in used]: model.graph.initializer.remove(unused)
+    onnx.save(model, str(path))
+
+def _quantize(source: Path, target: Path, method: str, calibration: Sequence[dict[str, np.ndarray]] | None):
+    "Run ONNX Runtime's quantiser for `method`."
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    ops = ["MatMul", "Attention", "Gather", "EmbedLayerNormalization"]  # Gather: the embedding tables, a quarter of the weights
+    if method == "static":  # activation scales fixed from the calibration sentences: no sentence sees another's numbers
+        inputs = [i.name for i in onnx.load(str(source), load_external_data=False).graph.input]
+        quantize_static(str(source), str(target), _calibration_reader(calibration, inputs), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, op_types_to_quantize=ops,
+                        calibrate_method=CalibrationMethod.MinMax, extra_options=FLOAT_DEFAULT)
+        _drop_unused_initializers(target)
+    elif method == "dynamic":  # per_channel: one scale per weight column, so the largest column does not set every column's step
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=ops,
+                         extra_options=FLOAT_DEFAULT)
+    else:  # accuracy_level 4 multiplies in int8, each token's activations scaled per block of 32 as they arrive
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+
+def quantize_int8(source: str | Path, # an (optimised) fp32 .onnx file
+                  target: str | Path, # where to write the int8 graph
+                  method: str = "static", # one of `INT8_METHODS`
+                  calibration: Sequence[dict[str, np.ndarray]] | None = None, # encoded training batches; `static` needs them
+                 ) -> Path:
+    "Quantise the weights (matrix products and embedding tables) of `source` to int8 with `method`."
+    if method not in INT8_METHODS: raise ValueError(f"unknown int8 method {method!r}: use one of {', '.join(INT8_METHODS)}")
+    if method == "static" and not calibration: raise ValueError("static int8 needs calibration batches (encoded training sentences)")
+    # the quantisers log advice and every node they skip or convert, at INFO and WARNING, and reset logging levels as they go
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    ort.set_default_logger_severity(3)  # the calibration's own session warns about an initializer the calibrator added
+    try: _quantize(Path(source), Path(target), method, calibration)
+    finally: logging.disable(disabled); ort.set_default_logger_severity(2)
+    onnx.checker.check_model(str(target), full_check=True)
+    return Path(target)
+
+# %% ../../nbs/04a_export.ipynb #cbeb2483
 def validation_logits(predict_batch, # a function from a dict of numpy encodings to logits
                       tokenizer, # the model's tokenizer
                       sentences: Sequence[str], # the sentences to score
@@ -191,6 +222,7 @@ def choose_default_variant(comparison: dict[str, dict[str, Any]], # from `compar
 # %% ../../nbs/04a_export.ipynb #ae43c719
 SERVING_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}  # variant -> file in the serving directory
 TOKENIZER_FILE = "tokenizer.json"
+CALIBRATION_SENTENCES = 256  # the first training sentences: enough for stable ranges, a few seconds to run
 
 def serving_metadata(model, trained: dict, fp32, comparison: dict, variants: dict, splits, model_dir, max_length: int, opset: int,
                      fused, max_mcc_drop: float) -> dict[str, Any]:
@@ -218,6 +250,7 @@ def export_serving(model_dir: str | Path, # the training artifacts directory
     max_length, splits = int(trained["max_length"]), load_cola(cola_source)
     sentences, labels = [e.sentence for e in splits.validation], [e.label for e in splits.validation]
     def serving_logits(session): return validation_logits(lambda enc: onnx_logits(session, enc), tokenizer, sentences, max_length)
+    calibration = calibration_batches(tokenizer, [e.sentence for e in splits.train[:CALIBRATION_SENTENCES]], max_length)
     with atomic_directory(serving_dir) as staging:
         raw = export_onnx(model, tokenizer, staging/"raw.onnx", opset)
         fused = optimize_onnx(raw, staging/SERVING_FILES["fp32"], model.config.num_attention_heads, model.config.hidden_size)
@@ -227,14 +260,16 @@ def export_serving(model_dir: str | Path, # the training artifacts directory
         fp32 = make_session(staging/SERVING_FILES["fp32"])
         logits, tried = {"fp32": serving_logits(fp32)}, {}
         for method in methods:  # the first that may be served stays; if none may, the last one tried
-            logits["int8"] = serving_logits(make_session(quantize_int8(staging/SERVING_FILES["fp32"], staging/SERVING_FILES["int8"], method)))
+            int8 = quantize_int8(staging/SERVING_FILES["fp32"], staging/SERVING_FILES["int8"], method, calibration)
+            logits["int8"] = serving_logits(make_session(int8))
             comparison = compare_variants(reference, logits, labels)
             tried[method] = {"mcc_change_vs_fp32": comparison["int8"]["metrics"]["mcc"] - comparison["fp32"]["metrics"]["mcc"],
                              "agreement_with_fp32": float((logits["int8"].argmax(1) == logits["fp32"].argmax(1)).mean())}
             if choose_default_variant(comparison, max_mcc_drop) == "int8": break
         variants = {v: {"file": f, "sha256": sha256_file(staging/f), "bytes": (staging/f).stat().st_size, **comparison[v]}
                     for v, f in SERVING_FILES.items()}
-        variants["int8"] |= {"method": method, **tried[method], "methods_tried": tried}
+        variants["int8"] |= {"method": method, **tried[method], "methods_tried": tried,
+                             **({"calibration_sentences": CALIBRATION_SENTENCES} if method == "static" else {})}
         metadata = serving_metadata(model, trained, fp32, comparison, variants, splits, model_dir, max_length, opset, fused, max_mcc_drop)
         write_json(metadata, staging/METADATA_FILE)
     return metadata
@@ -249,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     parser.add_argument("--max-mcc-drop", type=float, default=0.01, help="largest MCC loss for which int8 becomes the default")
     parser.add_argument("--int8", choices=("auto", *INT8_METHODS), default="auto",
-                        help="how to quantise: auto (default) tries dynamic, then blockwise if dynamic loses more than --max-mcc-drop")
+                        help="how to quantise: auto (default) tries static, then dynamic, then blockwise, until one loses at most --max-mcc-drop")
     args = parser.parse_args(argv)
     from mlops_basics.core.data import ColaDataError
     try: meta = export_serving(args.model_dir, args.serving_dir, args.cola, args.opset, args.max_mcc_drop, args.int8)
