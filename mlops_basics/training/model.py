@@ -154,10 +154,11 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")  # parameters AdamW
 
 def _layer_depth(name: str, # a parameter's name
                  n_layers: int, # the encoder's layer count
+                 encoder: str, # the encoder's prefix in the classifier, `base_model_prefix`: bert, distilbert, mpnet
                 ) -> int:
-    "0 for the embeddings, i + 1 for encoder layer i, `n_layers + 1` for the pooler and the head."
-    if ".embeddings." in f".{name}": return 0
+    "i + 1 for encoder layer i; 0 for the rest of the encoder (embeddings, MPNet's shared attention bias); `n_layers + 1` for the pooler and the head."
     if (found := re.search(r"\.layer\.(\d+)\.", name)): return int(found.group(1)) + 1
+    if name.startswith(f"{encoder}.") and ".pooler." not in name: return 0
     return n_layers + 1
 
 def parameter_groups(model: transformers.PreTrainedModel, # a Hugging Face classifier
@@ -170,7 +171,7 @@ def parameter_groups(model: transformers.PreTrainedModel, # a Hugging Face class
     n_layers = model.config.num_hidden_layers
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
-        depth, decays = _layer_depth(name, n_layers), not name.endswith(NO_DECAY)
+        depth, decays = _layer_depth(name, n_layers, model.base_model_prefix), not name.endswith(NO_DECAY)
         group = groups.setdefault((depth, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0, "depth": depth,
                                                     "lr": learning_rate * layer_decay ** (n_layers + 1 - depth)})
         group["params"].append(param)
@@ -178,7 +179,7 @@ def parameter_groups(model: transformers.PreTrainedModel, # a Hugging Face class
 
 def encoder_layers(model: transformers.PreTrainedModel, # a Hugging Face encoder classifier
                   ) -> torch.nn.ModuleList:
-    "The encoder's stack of transformer layers, bottom first: `encoder.layer` in BERT-like models, `transformer.layer` in DistilBERT."
+    "The encoder's stack of transformer layers, bottom first: `encoder.layer` in BERT and MPNet, `transformer.layer` in DistilBERT."
     base = model.base_model
     return (base.encoder if hasattr(base, "encoder") else base.transformer).layer
 

@@ -135,10 +135,12 @@ def _model_and_data(cfg: DictConfig):
 
 def _save_run(cfg: DictConfig, trainer, classifier, tokenizer, datamodule, logger, resolved: dict, resumed: str | None) -> TrainResult:
     "Validate the best checkpoint, write the artifacts directory and the report, log them, and drop the checkpoints."
+    from mlops_basics.training.backbones import backbone_provenance
     from mlops_basics.training.model import save_classifier
     from mlops_basics.training.tracking import finish_logger, log_model_artifact, log_report, write_report
     best, history, report = _validate_best(trainer, classifier, datamodule)
     model_dir = save_classifier(classifier, tokenizer, cfg.paths.model_dir, max_length=cfg.data.max_length, backbone=cfg.model.backbone,
+                                backbone_source=backbone_provenance(cfg.model.backbone),
                                 metrics=report.metrics, history=history, config=resolved, data_sha256=datamodule.splits.data_sha256,
                                 best_checkpoint=Path(best).name if best else None, resumed_from=resumed,
                                 confusion_matrix=report.confusion_matrix)
