@@ -1,10 +1,16 @@
 """Every notebook runs top to bottom under nbdev_test (its examples are its tests); slow cells run in slow tests."""
 
+import ast
 import json
+import re
 import subprocess
 from pathlib import Path
 
+import fastcore.test
 import pytest
+from fastcore.basics import AttrDict
+from IPython.core.inputtransformer2 import TransformerManager
+from nbdev.process import extract_directives
 
 from conftest import ROOT
 from mlops_basics.devtools.test_utils import BIN
@@ -18,7 +24,12 @@ def has_flag(notebook: Path, flag: str) -> bool:
 
 
 # Pages whose framework cannot share .venv (its pins clash with constraints.txt) run in their own environment.
-OWN_VENV = {"13_orchestration": "prefect_python", "13a_prefect_server": "prefect_python", "13b_workers": "prefect_python", "13c_closing_the_loop": "prefect_python"}
+OWN_VENV = {
+    "13_orchestration": "prefect_python",
+    "13a_prefect_server": "prefect_python",
+    "13b_workers": "prefect_python",
+    "13c_closing_the_loop": "prefect_python",
+}
 
 
 def nbdev_test(notebook: Path, *flags: str, bin_dir: Path = BIN):
@@ -59,7 +70,116 @@ def test_notebooks_are_clean_tutorial_pages():
         assert len(tagged) <= 1, notebook.name
 
 
-def test_scaffolding_is_hidden():
-    "Test imports, the IN_TEST switch, environment set-up and cells of checks only carry `#| hide` (tools/hide_scaffolding.py)."
-    proc = subprocess.run([str(BIN / "python"), "tools/hide_scaffolding.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"run `python tools/hide_scaffolding.py` and commit:\n{proc.stdout}"
+# What a reader sees is decided by directives only, as nbdev and Quarto treat them: `#| hide`, `#| export`, `#| exporti` and
+# `#| default_exp` drop the cell from the page, `#| echo: false` and `#| include: false` its code, `#| output: false` its outputs.
+HIDE_CELL = {"hide", "export", "exporti", "default_exp"}
+CHECKS = {n for n in fastcore.test.__all__ if n.startswith("test")}  # test_eq, test_fail, test_close, ...
+TEST_MODULES = ("fastcore.test", "pytest", "unittest")  # the helpers of devtools.test_utils serve examples too (free ports, tiny models)
+SET_UP = re.compile(
+    r"(os\.environ\.(setdefault|update|pop|clear)|torch\.set_num_threads|warnings\.(filterwarnings|simplefilter|resetwarnings)|"
+    r"logging\.(getLogger\(\)\.setLevel|disable)|atexit\.register)"
+)
+TEMP_DIR = re.compile(r"tempfile\.\w+")
+PROGRESS_BAR = re.compile(r"\|[█▏▎▍▌▋▊▉ ]*█|\bit/s\]|s/it\]")
+MODEL_SUMMARY = re.compile(r"Total params|\|\s*Name\s*\|\s*Type\s*\|")
+
+
+def code_cells(notebook: Path) -> list[tuple[int, dict, dict]]:
+    "Each code cell of `notebook`: its index, its directives as nbdev reads them, and the cell (the directives out of its source)."
+    cells = json.loads(notebook.read_text())["cells"]
+    found = []
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] != "code":
+            continue
+        cell = AttrDict(cell, source="".join(cell["source"]))
+        found.append((i, extract_directives(cell, remove=True), cell))
+    return found
+
+
+def shows_code(directives: dict) -> bool:
+    "Whether a reader sees the cell's code."
+    return not (directives.keys() & HIDE_CELL or directives.get("echo:") == ["false"] or directives.get("include:") == ["false"])
+
+
+def dotted(node: ast.AST) -> str:
+    "The dotted name a call or attribute reads: `os.environ.pop`, `logging.getLogger().setLevel`."
+    if isinstance(node, ast.Attribute):
+        return f"{dotted(node.value)}.{node.attr}"
+    if isinstance(node, ast.Call):
+        return f"{dotted(node.func)}()"
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def scaffolding(statement: ast.stmt) -> str | None:
+    "What makes `statement` scaffolding (a check, a test import, the IN_TEST switch, environment set-up), or None."
+    if isinstance(statement, (ast.Import, ast.ImportFrom)):
+        modules = [statement.module or ""] if isinstance(statement, ast.ImportFrom) else [a.name for a in statement.names]
+        return "a test import" if any(m == t or m.startswith(t + ".") for m in modules for t in TEST_MODULES) else None
+    for node in ast.walk(statement):
+        if isinstance(node, ast.Assert):
+            return "a check"
+        if isinstance(node, ast.Name) and node.id == "IN_TEST" or isinstance(node, ast.Constant) and node.value == "IN_TEST":
+            return "the IN_TEST switch"
+        if isinstance(node, ast.Call) and dotted(node.func) in CHECKS:
+            return "a check"
+        if isinstance(node, ast.Call) and SET_UP.fullmatch(dotted(node.func)):
+            return "environment set-up"
+        targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target] if isinstance(node, ast.AugAssign) else []
+        if any(isinstance(t, ast.Subscript) and dotted(t.value) == "os.environ" for t in targets):
+            return "environment set-up"
+    return None
+
+
+def bound(statement: ast.stmt) -> set[str]:
+    "The names a top-level assignment binds."
+    targets = (
+        statement.targets
+        if isinstance(statement, ast.Assign)
+        else [statement.target]
+        if isinstance(statement, (ast.AnnAssign, ast.AugAssign))
+        else []
+    )
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+
+def read(tree: ast.AST) -> set[str]:
+    "The names `tree` reads."
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def visibility_violations(notebook: Path) -> list[str]:
+    "Every statement of a visible code cell that belongs in a `#| hide` cell, as `page cell N: why: statement`."
+    to_python = TransformerManager().transform_cell  # IPython's magics and shell escapes as Python
+    cells = [(i, shows_code(d), to_python(c.source)) for i, d, c in code_cells(notebook)]
+    trees = [(i, visible, source, ast.parse(source)) for i, visible, source in cells]
+    found = []
+    for n, (i, visible, source, tree) in enumerate(trees):
+        if not visible:
+            continue
+        later = trees[n + 1 :]
+        for k, statement in enumerate(tree.body):
+            why = scaffolding(statement)
+            names = bound(statement)
+            if not why and names and any(TEMP_DIR.fullmatch(dotted(c.func)) for c in ast.walk(statement) if isinstance(c, ast.Call)):
+                seen = set().union(*(read(s) for s in tree.body[k + 1 :]), *(read(t) for _, v, _, t in later if v))
+                tests = set().union(*(read(t) for _, v, _, t in later if not v))
+                why = "a temporary directory only the tests use" if names & tests and not names & seen else None
+            if why:
+                found.append(f"{notebook.stem} cell {i}: {why}: {ast.get_source_segment(source, statement).splitlines()[0]}")
+    return found
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_visible_cells_hold_only_the_example(notebook):
+    "A visible code cell holds the example and what explains it; checks, test imports, IN_TEST and set-up go in `#| hide` cells."
+    assert not (found := visibility_violations(notebook)), "move into a `#| hide` cell:\n" + "\n".join(found)
+
+
+def test_no_progress_bars_or_model_summaries_in_outputs():
+    "No output of any page shows a progress bar or Lightning's model summary."
+    found = []
+    for notebook in NOTEBOOKS:
+        for i, _, cell in code_cells(notebook):
+            text = json.dumps(cell.get("outputs", []), ensure_ascii=False)
+            found += [f"{notebook.stem} cell {i}: {m.group(0)!r}" for pattern in (PROGRESS_BAR, MODEL_SUMMARY) if (m := pattern.search(text))]
+    assert not found, "\n".join(found)
