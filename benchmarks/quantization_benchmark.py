@@ -57,6 +57,12 @@ def measure(path: Path, tokenizer, sentences: list[str]) -> tuple[np.ndarray, di
     }
 
 
+def model_version(metadata: dict) -> str:
+    "The served variant's version, as /health and reports/metrics.json name it."
+    variant = metadata["default_variant"]
+    return f"{metadata['variants'][variant]['sha256'][:12]}-{variant}"
+
+
 def compare(serving_dir: Path, sentences: list[str], labels: list[int], train: list[str]) -> dict:
     "fp32 and each int8 method of one serving directory (static calibrated on `train`, as mlops-export does)."
     from mlops_basics.core.artifacts import read_metadata
@@ -85,6 +91,7 @@ def compare(serving_dir: Path, sentences: list[str], labels: list[int], train: l
     return {
         "backbone": metadata["source"].get("backbone"),
         "serving_dir": os.path.relpath(serving_dir, ROOT),
+        "model_version": model_version(metadata),
         "default_variant": metadata["default_variant"],
         "int8_method": metadata["variants"]["int8"].get("method", "dynamic"),
         "variants": variants,

@@ -149,8 +149,11 @@ except OSError: writable = False
 print(json.dumps({"uid": os.getuid(), "user": pwd.getpwuid(os.getuid()).pw_name, "files": files, "writable": writable}))"""
     answer = json.loads(podman("run", "--rm", image.tag, "python3", "-c", probe).stdout)
     assert answer["uid"] == 10001 and answer["user"] == "mlops" and answer["writable"] is False
-    expected = {p.name: ["0o644", 0, hashlib.sha256(p.read_bytes()).hexdigest()] for p in serving_dir.iterdir()}
-    assert answer["files"] == expected and {"metadata.json", "tokenizer.json"} <= set(expected)
+    meta = json.loads((serving_dir / "metadata.json").read_text())
+    others = {v["file"] for name, v in meta["variants"].items() if name != meta["default_variant"]}  # they stay in DVC
+    expected = {p.name: ["0o644", 0, hashlib.sha256(p.read_bytes()).hexdigest()] for p in serving_dir.iterdir() if p.name not in others}
+    assert others and answer["files"] == expected
+    assert {"metadata.json", "tokenizer.json", meta["variants"][meta["default_variant"]]["file"]} <= set(expected)
 
 
 # --- HTTP ------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ prefect.yaml. Prefect's pins clash with .venv's, so the flows run in
 
 import json
 import os
+import re
 import subprocess
 import uuid
 
@@ -165,7 +166,8 @@ def test_a_failed_quality_gate_stops_before_the_release(world):
 def test_an_unhealthy_canary_is_rolled_back(world):
     "Another learning rate gives another model; CloudWatch shows its canary failing 10% of requests: the alias goes back to version 2."
     params = world["repo"] / "params.yaml"
-    params.write_text(params.read_text().replace("learning_rate: 5.0e-05", "learning_rate: 0.0002"))
+    params.write_text(re.sub(r"learning_rate: \S+", "learning_rate: 0.0002", params.read_text()))
+    assert "learning_rate: 0.0002" in params.read_text()
     lambda_traffic(world["moto"], FUNCTION, {"3": (300, 30), "2": (2700, 5)})
     # The MCC gate is not what this test is about: a tiny random model's MCC moves by chance with the learning rate.
     ran = world["drive"]({"run": "retrain", "parameters": {**world["rehearsal"], "behaviour_thresholds": {}, "mcc_tolerance": 2.0}})
@@ -256,7 +258,6 @@ def test_a_process_worker_runs_the_retrain_that_drift_starts(world, pool, prefec
     rng = np.random.default_rng(1)
     serving_dir = world["repo"] / "artifacts" / "serving"
     log = traffic_log(serving_dir, [corrupt(e.sentence, rng) for e in load_cola().validation[200:320]], world["work"] / "app-2.log", str(BIN))
-    import re
 
     params = world["repo"] / "params.yaml"  # another learning rate: a new model, so the pipeline trains and the release publishes
     params.write_text(re.sub(r"learning_rate: \S+", "learning_rate: 0.0001", params.read_text()))
@@ -359,7 +360,6 @@ def test_falling_labelled_agreement_starts_the_retrain(world, pool, tmp_path, mo
 def test_the_agreement_alert_fires_in_prometheus_and_the_retrain_it_calls_for_is_promoted(world, pool, prefect_python, tmp_path, monkeypatch):
     "The loop of nbs/13c_closing_the_loop.ipynb: a real Prometheus on the rehearsal's clock sees labelled agreement fall when the traffic shifts and fires the alert; the monitor starts retrain/weekly, a process worker completes it and the new version is live."
     import itertools
-    import re
     import time
 
     from mlops_basics.core.data import LABELS, load_cola

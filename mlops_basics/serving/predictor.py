@@ -28,8 +28,12 @@ def load_tokenizer(path: str | Path, # a tokenizer.json file
     try: tokenizer = Tokenizer.from_file(str(path))
     except Exception as e: raise ArtifactsError(f"{path} is not a valid tokenizer file: {e}") from e
     tokenizer.enable_truncation(max_length)
-    pad = next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None), None)  # BERT- or RoBERTa-style vocabularies
-    tokenizer.enable_padding(pad_id=0 if pad is None else tokenizer.token_to_id(pad), pad_token=pad or "[PAD]")
+    if tokenizer.padding is not None:  # the model's own choice (MPNet's vocabulary holds both "[PAD]" and "<pad>")
+        pad_id, pad = tokenizer.padding["pad_id"], tokenizer.padding["pad_token"]
+    else:
+        pad = next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None), "[PAD]")  # BERT- or RoBERTa-style
+        pad_id = tokenizer.token_to_id(pad) or 0
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad)
     return tokenizer
 
 def encodings_to_arrays(encodings: list[Encoding], # one padded batch, from `Tokenizer.encode_batch`
