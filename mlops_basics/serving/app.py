@@ -291,7 +291,7 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", metavar="NAME=DIR[@VARIANT]", help="serve several models (repeat the option)")
     parser.add_argument("--live", help="the model requests get by default (default: the first --model)")
     parser.add_argument("--ab-split", metavar="NAME=WEIGHT,...", help="sticky A/B split of requests that carry an X-User-ID")
-    parser.add_argument("--batching", choices=["auto", "on", "off"], help="merge concurrent requests for a model into one call (auto: fp32 and blockwise int8 models)")
+    parser.add_argument("--batching", choices=["auto", "on", "off"], help="merge concurrent requests for a model into one call (auto: fp32, static and blockwise int8 models)")
     parser.add_argument("--max-batch-sentences", type=int, help="sentences per merged call at most")
     parser.add_argument("--max-wait-ms", type=float, help="how long a merged call waits for more requests (default 0)")
     return parser

@@ -22,9 +22,9 @@ from .predictor import ONNXPredictor
 
 # %% ../../nbs/05c_batching.ipynb #e68266e1
 def merges_exactly(predictor: ONNXPredictor) -> bool:
-    "Whether a request's answers stay exactly as they are alone when its call holds other requests: fp32 and blockwise int8, not dynamic int8."
+    "Whether a request's answers stay exactly as they are alone when its call holds other requests: fp32, static and blockwise int8, not dynamic."
     # dynamic int8 quantises a call's activations with one scale per tensor; serving directories from before `method` was recorded are dynamic
-    return predictor.variant != "int8" or predictor.metadata["variants"]["int8"].get("method") == "blockwise"
+    return predictor.variant != "int8" or predictor.metadata["variants"]["int8"].get("method") in ("static", "blockwise")
 
 class Batcher:
     "Merges concurrent predictions for one model into one predictor call: its worker takes what is queued as soon as the last call returns."

@@ -79,7 +79,7 @@ class ServeSettings:
     models: Optional[str] = None  # several models, "name=dir[@variant],…"; None: `serving_dir` alone, named "main" (MLOPS_MODELS)
     live_model: Optional[str] = None  # the model a request gets when nothing picks another; None: the first (MLOPS_LIVE_MODEL)
     ab_split: Optional[str] = None  # sticky A/B split of requests with an X-User-ID, "name=weight,…" (MLOPS_AB_SPLIT)
-    batching: Optional[bool] = False  # merge concurrent requests for one model into one ONNX Runtime call; None (auto): models whose answers do not depend on the batch, fp32 and blockwise int8 (MLOPS_BATCHING: true, false or auto)
+    batching: Optional[bool] = False  # merge concurrent requests for one model into one ONNX Runtime call; None (auto): models whose answers do not depend on the batch: fp32, static and blockwise int8 (MLOPS_BATCHING: true, false or auto)
     max_batch_sentences: int = 64  # sentences per merged call at most; a request with more runs alone (MLOPS_MAX_BATCH_SENTENCES)
     max_wait_ms: float = 0.0  # how long a merged call waits for more requests; 0: it takes what is queued (MLOPS_MAX_WAIT_MS)
     batch_calls: int = 2  # merged calls at once per model: while one runs, the next can start (MLOPS_BATCH_CALLS)
