@@ -14,7 +14,7 @@ ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
 export MLOPS_COLA_PATH ?= $(SHARED_COLA)
 endif
 
-.PHONY: help install install-dev lint lint-fix prefect-venv mlserver system-packages run test test-fast export pages lab clean
+.PHONY: help install install-dev lint lint-fix prefect-venv mlserver system-packages run test test-fast export pages bench lab clean
 
 help:
 	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate, behavioural tests (what is out of date)"
@@ -24,6 +24,7 @@ help:
 	@echo "make lint-fix   ruff's fixes on the notebooks (then nbdev_export), ruff's fixes and format on tests, tools and benchmarks"
 	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
 	@echo "make pages      run the pages on the real model (after make run) and keep their outputs; PAGES=\"05_serving.ipynb ...\" for some, SLOW=1 to rebuild images too"
+	@echo "make bench      re-run every serving benchmark on artifacts/ (after make run; podman, wrk, an idle machine), results in benchmarks/results/"
 	@echo "make lab        JupyterLab on the notebooks"
 	@echo "make prefect-venv  .venv-prefect: Prefect 3 and the [orchestration] extra, beside .venv (their pins clash)"
 	@echo "make mlserver   Seldon's MLServer with the project's runtime, in its own environment (.venv-mlserver)"
@@ -112,6 +113,19 @@ pages: install-dev
 	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow)
 	$(BIN)/nbdev_clean
 	$(BIN)/python tools/sync_readme.py
+
+# Every serving-side benchmark, re-run on the model `make run` left in artifacts/: ONNX against PyTorch, the int8 methods, the
+# image with its cold starts (HTTP and Lambda), the protocol against MLServer and the naive PyTorch app, and the soak. Each
+# result in benchmarks/results/ names the model version and backbone it measured. Needs podman and wrk (as for `make test`)
+# and an otherwise idle machine; then `make pages PAGES="nbs/benchmarks.ipynb nbs/04a_export.ipynb"` redraws the charts.
+QUANTIZED ?= default=artifacts/serving $(if $(wildcard artifacts/seed_43/serving),seed_43=artifacts/seed_43/serving)
+bench: install-dev mlserver $(SYSTEM_PACKAGES)
+	$(BIN)/python benchmarks/train_benchmark.py --from-run artifacts/model
+	$(BIN)/python benchmarks/onnx_benchmark.py artifacts/model artifacts/serving
+	$(BIN)/python benchmarks/quantization_benchmark.py $(QUANTIZED)
+	$(BIN)/python benchmarks/serving_benchmark.py --model artifacts/model --serving-dir artifacts/serving
+	$(BIN)/python benchmarks/protocol_benchmark.py --serving-dir artifacts/serving --model-dir artifacts/model
+	$(BIN)/python benchmarks/soak_benchmark.py --serving-dir artifacts/serving
 
 lab: install-dev
 	$(BIN)/jupyter lab nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)

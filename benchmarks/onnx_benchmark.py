@@ -5,7 +5,10 @@ at 1 and 2 threads; cold start (new process -> first prediction) of the torch an
 size of the serve extra in a fresh virtual environment. Writes benchmarks/results/onnx.json (rendered by
 nbs/benchmarks.ipynb). Run on an otherwise idle machine, after `benchmarks/train_benchmark.py`:
 
-    python benchmarks/onnx_benchmark.py [MODEL_DIR]
+    python benchmarks/onnx_benchmark.py [MODEL_DIR [SERVING_DIR]]
+
+SERVING_DIR: the model's own export (`make bench` passes artifacts/model artifacts/serving); without it, the model is exported
+again under benchmarks/runs/.
 """
 
 import datetime as dt
@@ -79,7 +82,7 @@ def serve_install_size(extras: str) -> float:
         return sum(f.stat().st_size for f in (work / "venv").rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
 
 
-def main(model_dir: Path) -> dict:
+def main(model_dir: Path, serving: Path | None = None) -> dict:
     import onnxruntime as ort
     import torch
 
@@ -88,17 +91,22 @@ def main(model_dir: Path) -> dict:
     from mlops_basics.training.export import export_onnx, export_serving, load_for_export
     from mlops_basics.training.inference import Predictor
 
-    serving = RUNS / "onnx_benchmark" / "serving"
-    meta = export_serving(model_dir, serving)
+    if serving is None:  # no serving directory given: export one from the model
+        serving = RUNS / "onnx_benchmark" / "serving"
+        export_serving(model_dir, serving)
+    meta = json.loads((serving / "metadata.json").read_text())
+    versions = {v: f"{spec['sha256'][:12]}-{v}" for v, spec in meta["variants"].items()}
     model, tokenizer, _ = load_for_export(model_dir)
+    (RUNS / "onnx_benchmark").mkdir(parents=True, exist_ok=True)
     raw = export_onnx(model, tokenizer, RUNS / "onnx_benchmark" / "raw.onnx")
     sentences = [e.sentence for e in load_cola().validation]
     lengths = [len(tokenizer(s)["input_ids"]) for s in sentences]
     results = {
-        "what": "PyTorch eager vs ONNX Runtime on the trained all-MiniLM-L6-v2 (CoLA validation sentences)",
+        "what": f"PyTorch eager vs ONNX Runtime on the trained {meta['source']['backbone']} (CoLA validation sentences)",
         "date": dt.date.today().isoformat(),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "model_dir": str(model_dir.relative_to(ROOT)) if model_dir.is_relative_to(ROOT) else str(model_dir),
+        "model": {"version": versions[meta["default_variant"]], "backbone": meta["source"]["backbone"], "variant_versions": versions},
         "tokens_per_sentence": {"mean": float(np.mean(lengths)), "p50": float(np.median(lengths)), "max": int(max(lengths))},
         "variants": {
             v: {k: meta["variants"][v][k] for k in ("bytes", "metrics", "max_abs_logit_diff", "agreement_with_pytorch")} for v in meta["variants"]
@@ -152,5 +160,5 @@ def main(model_dir: Path) -> dict:
 
 if __name__ == "__main__":
     model = Path(sys.argv[1]) if len(sys.argv) > 1 else RUNS / "training_cpu" / "model"
-    r = main(model.resolve())
+    r = main(model.resolve(), Path(sys.argv[2]).resolve() if len(sys.argv) > 2 else None)
     print(json.dumps({k: r[k] for k in ("cold_start_s", "serve_install_mb", "int8_vs_fp32", "default_variant")}, indent=2))

@@ -1,11 +1,11 @@
-"""Benchmark the serving image on this machine with a real model (the trained all-MiniLM-L6-v2 of the training benchmark).
+"""Benchmark the serving image on this machine with a real model (make bench: the one `make run` trained).
 
 Writes benchmarks/results/serving.json: image size and build time; container start to the first successful /predict; the
 Lambda handler's cold start (imports + model load, in the image) and warm latency through the Lambda runtime client; HTTP
 p50/p99 latency and requests/s for 60 s under wrk (a separate process) with 1 and 2 server workers; peak memory (cgroup).
 The docs page nbs/benchmarks.ipynb renders it. Run as root with podman, debootstrap and wrk installed, nothing else busy:
 
-    python benchmarks/serving_benchmark.py [--model benchmarks/runs/training_cpu/model] [--duration 60]
+    python benchmarks/serving_benchmark.py [--model artifacts/model --serving-dir artifacts/serving] [--duration 60]
 """
 
 import argparse
@@ -244,13 +244,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--starts", type=int, default=3, help="container starts to time")
     parser.add_argument("--warm-events", type=int, default=100, help="warm Lambda invocations to time")
+    parser.add_argument("--serving-dir", type=Path, help="the model's own export (make bench: artifacts/serving); default: export --model again")
     parser.add_argument("--output", type=Path, default=RESULT)
     args = parser.parse_args(argv)
     for tool in ("podman", "wrk"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed: run .ci/system-packages")
     info = machine()
-    serving = export_model(args.model, SCRATCH / "serving")
+    serving = args.serving_dir or export_model(args.model, SCRATCH / "serving")
     metadata = json.loads((serving / "metadata.json").read_text())
     base_cached = image_exists(BASE_IMAGE)
     base = ensure_base_image()
@@ -298,11 +299,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     median = lambda runs, key: round(statistics.median(r[key] for r in runs), 3)
     result = {
-        "what": "the serving image (HTTP and Lambda) with the trained all-MiniLM-L6-v2, ONNX " + metadata["default_variant"],
+        "what": f"the serving image (HTTP and Lambda) with the trained {(metadata.get('source') or {}).get('backbone')}, ONNX "
+        + metadata["default_variant"],
         "date": dt.date.today().isoformat(),
         "machine": info,
         "model": {
             "source": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
+            "version": f"{metadata['variants'][metadata['default_variant']]['sha256'][:12]}-{metadata['default_variant']}",
             "backbone": (metadata.get("source") or {}).get("backbone"),
             "variant": metadata["default_variant"],
             "max_length": metadata.get("max_length"),

@@ -163,7 +163,7 @@ def main() -> None:
             "python": platform.python_version(),
             "note": "the client (one asyncio process) and the server share the cores",
         },
-        "model": {"version": health["model"]["version"], "variant": health["model"]["variant"]},
+        "model": {"version": health["model"]["version"], "variant": health["model"]["variant"], "backbone": health["model"]["backbone"]},
         "requests": args.requests,
         "concurrency": args.concurrency,
         "slice": args.slice,

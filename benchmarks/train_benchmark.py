@@ -113,6 +113,10 @@ def record(model_dir: Path) -> dict:
         "config": {g: metadata["config"][g] for g in ("data", "training")},
         "versions": package_versions(),
     }
+    served = model_dir.parent / "serving" / "metadata.json"  # the pipeline exports beside the model: the version this run ships as
+    if served.exists() and (exported := json.loads(served.read_text())).get("source", {}).get("created_at") == metadata["created_at"]:
+        variant = exported["default_variant"]
+        result["model_version"] = f"{exported['variants'][variant]['sha256'][:12]}-{variant}"
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -16,14 +16,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 # %% auto #0
-__all__ = ['STYLE', 'SKIP_FLAGS', 'OWN_VENV', 'building_pages', 'project_file', 'page_model_dir', 'page_serving_dir', 'Diagram',
-           'flow', 'dvc_stage_graph', 'clean_text', 'clean_outputs', 'build_page', 'main', 'read_csv_columns',
-           'plot_history', 'plot_confusion']
+__all__ = ['PAGES_ENV', 'STYLE', 'SKIP_FLAGS', 'OWN_VENV', 'building_pages', 'showing_the_pipeline_run', 'project_file',
+           'page_model_dir', 'page_serving_dir', 'Diagram', 'flow', 'dvc_stage_graph', 'clean_text', 'clean_outputs',
+           'build_page', 'main', 'read_csv_columns', 'plot_history', 'plot_confusion']
 
 # %% ../../nbs/99_pages.ipynb #605e5818
 def building_pages() -> bool:
     "Whether the notebook runs for its readers (`make pages`, JupyterLab) rather than under `nbdev_test`."
     return os.environ.get("IN_TEST") != "1"
+
+PAGES_ENV = "MLOPS_BUILDING_PAGES"  # set by `build_page` while it runs a page
+
+def showing_the_pipeline_run() -> bool:
+    "Whether `make pages` runs the notebook: a page that trains then shows the pipeline's own run instead of training again."
+    return os.environ.get(PAGES_ENV) == "1"
 
 def project_file(*parts: str, # a path inside the checkout, e.g. "artifacts", "serving"
                  must_exist: bool = True, # raise when it is missing
@@ -134,6 +140,7 @@ def build_page(path: str | Path, # a notebook
         counts["ran"] += 1; cell.outputs = []; current["cell"] = cell
         return False
     cwd, env = os.getcwd(), os.environ.pop("IN_TEST", None)
+    os.environ[PAGES_ENV] = "1"
     try:
         os.chdir(path.parent)
         CaptureShell(path=path.parent).run_all(nb, exc_stop=True, preproc=skip)
@@ -142,6 +149,7 @@ def build_page(path: str | Path, # a notebook
         raise RuntimeError(f"{path.name}: a cell failed with {type(e).__name__}: {e}; it begins: {' / '.join(code[:3])}") from e
     finally:
         os.chdir(cwd)
+        os.environ.pop(PAGES_ENV, None)
         if env is not None: os.environ["IN_TEST"] = env
     for cell in nb.cells:
         if cell.cell_type == "code": clean_outputs(cell); cell.execution_count = None

@@ -78,7 +78,8 @@ def evaluate_serving(serving_dir: str | Path, # the serving directory to score
     for domain in ("in_domain", "out_of_domain"):
         mask = domains == domain
         metrics[f"mcc_{domain}"] = binary_metrics(np.array(labels)[mask], predicted[mask])["mcc"]
-    metrics |= {"variant": predictor.variant, "model_version": predictor.version, "sentences": len(labels)}
+    versions = {v: f"{d['sha256'][:12]}-{v}" for v, d in predictor.metadata["variants"].items()}  # pages compare the variants
+    metrics |= {"variant": predictor.variant, "model_version": predictor.version, "variant_versions": versions, "sentences": len(labels)}
     out_dir = Path(out_dir); (out_dir/"plots").mkdir(parents=True, exist_ok=True)
     write_json(metrics, out_dir/"metrics.json")
     names = predictor.labels
