@@ -117,7 +117,7 @@ pages: install-dev
 # Every serving-side benchmark, re-run on the model `make run` left in artifacts/: ONNX against PyTorch, the int8 methods, the
 # image with its cold starts (HTTP and Lambda), the protocol against MLServer and the naive PyTorch app, and the soak. Each
 # result in benchmarks/results/ names the model version and backbone it measured. Needs podman and wrk (as for `make test`)
-# and an otherwise idle machine; then `make pages PAGES="nbs/benchmarks.ipynb nbs/04a_export.ipynb"` redraws the charts.
+# and an otherwise idle machine; then `make pages PAGES="benchmarks.ipynb 04a_export.ipynb"` redraws the charts.
 QUANTIZED ?= default=artifacts/serving $(if $(wildcard artifacts/seed_43/serving),seed_43=artifacts/seed_43/serving)
 bench: install-dev mlserver $(SYSTEM_PACKAGES)
 	$(BIN)/python benchmarks/train_benchmark.py --from-run artifacts/model
