@@ -87,7 +87,7 @@ def main(model_dir: Path, serving: Path | None = None) -> dict:
     import torch
 
     from mlops_basics.core.data import load_cola
-    from mlops_basics.serving.predictor import ONNXPredictor
+    from mlops_basics.serving.predictor import ONNXPredictor, model_version
     from mlops_basics.training.export import export_onnx, export_serving, load_for_export
     from mlops_basics.training.inference import Predictor
 
@@ -95,7 +95,7 @@ def main(model_dir: Path, serving: Path | None = None) -> dict:
         serving = RUNS / "onnx_benchmark" / "serving"
         export_serving(model_dir, serving)
     meta = json.loads((serving / "metadata.json").read_text())
-    versions = {v: f"{spec['sha256'][:12]}-{v}" for v, spec in meta["variants"].items()}
+    versions = {v: model_version(meta, v) for v in meta["variants"]}
     model, tokenizer, _ = load_for_export(model_dir)
     (RUNS / "onnx_benchmark").mkdir(parents=True, exist_ok=True)
     raw = export_onnx(model, tokenizer, RUNS / "onnx_benchmark" / "raw.onnx")

@@ -57,17 +57,11 @@ def measure(path: Path, tokenizer, sentences: list[str]) -> tuple[np.ndarray, di
     }
 
 
-def model_version(metadata: dict) -> str:
-    "The served variant's version, as /health and reports/metrics.json name it."
-    variant = metadata["default_variant"]
-    return f"{metadata['variants'][variant]['sha256'][:12]}-{variant}"
-
-
 def compare(serving_dir: Path, sentences: list[str], labels: list[int], train: list[str]) -> dict:
     "fp32 and each int8 method of one serving directory (static calibrated on `train`, as mlops-export does)."
     from mlops_basics.core.artifacts import read_metadata
     from mlops_basics.core.predictions import binary_metrics
-    from mlops_basics.serving.predictor import encode_batch, load_tokenizer
+    from mlops_basics.serving.predictor import encode_batch, load_tokenizer, model_version
     from mlops_basics.training.export import CALIBRATION_SENTENCES, INT8_METHODS, SERVING_FILES, quantize_int8
 
     metadata = read_metadata(serving_dir)

@@ -40,6 +40,7 @@ from mlops_basics.devtools.containers import (
 )
 from mlops_basics.devtools.lambda_runtime import run_lambda_container
 from mlops_basics.devtools.test_utils import free_port, http
+from mlops_basics.serving.predictor import model_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": info,
         "model": {
             "source": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
-            "version": f"{metadata['variants'][metadata['default_variant']]['sha256'][:12]}-{metadata['default_variant']}",
+            "version": model_version(metadata),
             "backbone": (metadata.get("source") or {}).get("backbone"),
             "variant": metadata["default_variant"],
             "max_length": metadata.get("max_length"),

@@ -89,6 +89,7 @@ def record(model_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from mlops_basics.core.artifacts import package_versions, read_metadata
+    from mlops_basics.serving.predictor import model_version
     from mlops_basics.training.config import compose_config
     from mlops_basics.training.train import config_fingerprint
 
@@ -115,8 +116,7 @@ def record(model_dir: Path) -> dict:
     }
     served = model_dir.parent / "serving" / "metadata.json"  # the pipeline exports beside the model: the version this run ships as
     if served.exists() and (exported := json.loads(served.read_text())).get("source", {}).get("created_at") == metadata["created_at"]:
-        variant = exported["default_variant"]
-        result["model_version"] = f"{exported['variants'][variant]['sha256'][:12]}-{variant}"
+        result["model_version"] = model_version(exported)
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

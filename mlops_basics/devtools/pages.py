@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 # %% auto #0
-__all__ = ['PAGES_ENV', 'STYLE', 'SKIP_FLAGS', 'OWN_VENV', 'building_pages', 'showing_the_pipeline_run', 'project_file',
-           'page_model_dir', 'page_serving_dir', 'Diagram', 'flow', 'dvc_stage_graph', 'clean_text', 'clean_outputs',
-           'build_page', 'main', 'read_csv_columns', 'plot_history', 'plot_confusion']
+__all__ = ['PAGES_ENV', 'STYLE', 'SKIP_FLAGS', 'NEVER_RUN', 'OWN_VENV', 'building_pages', 'showing_the_pipeline_run',
+           'project_file', 'page_model_dir', 'page_serving_dir', 'Diagram', 'flow', 'dvc_stage_graph', 'clean_text',
+           'clean_outputs', 'build_page', 'main', 'read_csv_columns', 'plot_history', 'plot_confusion']
 
 # %% ../../nbs/99_pages.ipynb #605e5818
 def building_pages() -> bool:
@@ -119,9 +119,11 @@ def clean_outputs(cell: dict[str, Any]) -> dict[str, Any]:
 
 # %% ../../nbs/99_pages.ipynb #8a0e7f32
 SKIP_FLAGS = ("slow", "notest", "gpu")  # cells that keep their committed outputs unless asked for
+NEVER_RUN = "eval:false"  # `#| eval: false`: shown, never run (nbdev_test and Quarto skip it too), e.g. a script's `__main__`
 
 def _flags(source: str) -> set[str]:
-    return {w for line in source.splitlines() if line.startswith("#|") for w in line[2:].split()}
+    "A cell's directives: `#| slow` gives 'slow', `#| eval: false` gives 'eval:false'."
+    return {w for line in source.splitlines() if line.startswith("#|") for w in line[2:].replace(": ", ":").split()}
 
 def build_page(path: str | Path, # a notebook
                run_flagged: Sequence[str] = (), # flags whose cells run anyway, e.g. ("slow",)
@@ -136,7 +138,8 @@ def build_page(path: str | Path, # a notebook
     current = {}
     def skip(cell):
         if cell.cell_type != "code": return True
-        if _flags(cell.source) & (set(SKIP_FLAGS) - set(run_flagged)): counts["kept"] += 1; return True
+        flags = _flags(cell.source)
+        if NEVER_RUN in flags or flags & (set(SKIP_FLAGS) - set(run_flagged)): counts["kept"] += 1; return True
         counts["ran"] += 1; cell.outputs = []; current["cell"] = cell
         return False
     cwd, env = os.getcwd(), os.environ.pop("IN_TEST", None)

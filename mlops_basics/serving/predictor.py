@@ -18,7 +18,7 @@ from ..core.data import sha256_file
 from ..core.predictions import BasePredictor, Prediction, predictions_from_logits
 
 # %% auto #0
-__all__ = ['load_tokenizer', 'encodings_to_arrays', 'encode_batch', 'check_serving_files', 'ONNXPredictor']
+__all__ = ['load_tokenizer', 'encodings_to_arrays', 'encode_batch', 'check_serving_files', 'ONNXPredictor', 'model_version']
 
 # %% ../../nbs/04b_predictor.ipynb #616bd8fa
 def load_tokenizer(path: str | Path, # a tokenizer.json file
@@ -94,10 +94,17 @@ class ONNXPredictor(BasePredictor):
         self.unknown_id = self.tokenizer.token_to_id("[UNK]")  # None for a vocabulary without one: then nothing counts as unknown
 
 # %% ../../nbs/04b_predictor.ipynb #1e687880
+def model_version(metadata: dict[str, Any], # a serving directory's metadata (`read_metadata`)
+                  variant: str | None = None, # one of its variants; None: the one it serves by default
+                 ) -> str:
+    "What /health, the logs and every benchmark result call a model: its ONNX file's sha256, first 12 hex digits, and the variant."
+    variant = variant or metadata.get("default_variant", "fp32")
+    return f"{metadata['variants'][variant]['sha256'][:12]}-{variant}"
+
 @patch(as_prop=True)
 def version(self: ONNXPredictor) -> str:
-    "A short identifier of the loaded model: the first 12 hex digits of its file's sha256, and the variant."
-    return f"{self.metadata['variants'][self.variant]['sha256'][:12]}-{self.variant}"
+    "The loaded model's `model_version`."
+    return model_version(self.metadata, self.variant)
 
 # %% ../../nbs/04b_predictor.ipynb #2c6b6fc1
 @patch

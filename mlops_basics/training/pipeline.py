@@ -68,7 +68,7 @@ def evaluate_serving(serving_dir: str | Path, # the serving directory to score
                      model_dir: str | Path | None = None, # training artifacts, for the per-epoch curves
                     ) -> dict[str, Any]:
     "Score the serving model on the validation set; write the DVC metrics and plots; return the metrics."
-    from mlops_basics.serving.predictor import ONNXPredictor
+    from mlops_basics.serving.predictor import ONNXPredictor, model_version
     predictor = ONNXPredictor(serving_dir, variant=variant)
     splits = load_cola(cola_source)
     probabilities = predictor.predict_proba([e.sentence for e in splits.validation])
@@ -78,7 +78,7 @@ def evaluate_serving(serving_dir: str | Path, # the serving directory to score
     for domain in ("in_domain", "out_of_domain"):
         mask = domains == domain
         metrics[f"mcc_{domain}"] = binary_metrics(np.array(labels)[mask], predicted[mask])["mcc"]
-    versions = {v: f"{d['sha256'][:12]}-{v}" for v, d in predictor.metadata["variants"].items()}  # pages compare the variants
+    versions = {v: model_version(predictor.metadata, v) for v in predictor.metadata["variants"]}  # pages compare the variants
     metrics |= {"variant": predictor.variant, "model_version": predictor.version, "variant_versions": versions, "sentences": len(labels)}
     out_dir = Path(out_dir); (out_dir/"plots").mkdir(parents=True, exist_ok=True)
     write_json(metrics, out_dir/"metrics.json")
