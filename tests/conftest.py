@@ -116,7 +116,8 @@ def run_workflow_step(
     timeout: float = 1800,  # seconds
 ) -> subprocess.CompletedProcess:
     "Run a step's script as GitHub Actions runs a `run:` step (`bash --noprofile --norc -eo pipefail`); output captured as text."
-    environment = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
+    setup_python = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # `python` first, as actions/setup-python leaves it
+    environment = {k: v for k, v in {**os.environ, **setup_python, **env}.items() if k not in unset}
     return subprocess.run(
         ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
     )
@@ -170,7 +171,7 @@ def release_build(tmp_path_factory) -> Path:
         if (ROOT / name).is_file():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, copy / name)
-    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "RUNNER_TEMP": str(copy.parent)}
+    env = {"RUNNER_TEMP": str(copy.parent)}
     for step in ("Build the sdist and the wheel", "Check them"):
         proc = run_workflow_step(workflow_step("release.yml", "build", step), copy, env, timeout=900)
         assert proc.returncode == 0, f"{step}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -3,7 +3,6 @@
 import http.server
 import io
 import json
-import os
 import tarfile
 import threading
 from functools import partial
@@ -13,7 +12,7 @@ import pytest
 
 from conftest import run_workflow_step, workflow_step
 from mlops_basics.core.data import sha256_file
-from mlops_basics.devtools.test_utils import BIN, http as request, run_cli, serve, tiny_serving_dir
+from mlops_basics.devtools.test_utils import http as request, run_cli, serve, tiny_serving_dir
 from mlops_basics.ops.model_release import ASSET_NAME, release_url
 
 
@@ -22,8 +21,7 @@ def published(tmp_path_factory):
     "The tiny model packed by the deploy workflow's own step, in a web root as a release lays it out: (serving dir, web root, sha256)."
     work = tmp_path_factory.mktemp("release")
     serving = tiny_serving_dir(work / "artifacts" / "serving")
-    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = run_workflow_step(workflow_step("deploy.yml", "publish-model", "Pack the serving model"), work, env, timeout=300)
+    proc = run_workflow_step(workflow_step("deploy.yml", "publish-model", "Pack the serving model"), work, {}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     (work / "www").mkdir()
     (work / "dist-model").rename(work / "www" / "v0.1.0")

@@ -1,17 +1,12 @@
 """The release workflow from outside: its build and check steps on a clean copy, the tag check, nbdev's version bump, and trusted publishing."""
 
 import configparser
-import os
 import shutil
 import subprocess
 import zipfile
 
 from conftest import ROOT, run_workflow_step, workflow_job, workflow_step
 from mlops_basics.devtools.test_utils import BIN
-
-SETUP_PYTHON = {
-    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"
-}  # `python` first on PATH, as actions/setup-python leaves it (Debian has python3 only)
 
 
 def version() -> str:
@@ -31,14 +26,14 @@ def test_build_and_check_steps_make_one_sdist_and_one_wheel(release_build):
 
 def test_the_tag_must_be_the_version_in_settings_and_the_changelog(tmp_path):
     script = workflow_step("release.yml", "build", "Check the tag is settings.ini's version")
-    ok = run_workflow_step(script, ROOT, {**SETUP_PYTHON, "GITHUB_REF_NAME": f"v{version()}"}, timeout=60)
+    ok = run_workflow_step(script, ROOT, {"GITHUB_REF_NAME": f"v{version()}"}, timeout=60)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    wrong = run_workflow_step(script, ROOT, {**SETUP_PYTHON, "GITHUB_REF_NAME": "v9.9.9"}, timeout=60)
+    wrong = run_workflow_step(script, ROOT, {"GITHUB_REF_NAME": "v9.9.9"}, timeout=60)
     assert wrong.returncode == 1 and "nbdev_bump_version" in wrong.stdout
     for name in ("settings.ini", "CHANGELOG.md"):
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "CHANGELOG.md").write_text((ROOT / "CHANGELOG.md").read_text().replace(f"## {version()}", "## 0.0.0"))
-    missing = run_workflow_step(script, tmp_path, {**SETUP_PYTHON, "GITHUB_REF_NAME": f"v{version()}"}, timeout=60)
+    missing = run_workflow_step(script, tmp_path, {"GITHUB_REF_NAME": f"v{version()}"}, timeout=60)
     assert missing.returncode == 1 and "CHANGELOG.md has no" in missing.stdout
 
 
