@@ -93,25 +93,31 @@ def test_missing_asset_and_bad_checksum_file_are_clear_errors(published, web, tm
     assert proc.returncode == 1 and "does not hold a sha256" in proc.stderr and not (tmp_path / "new").exists()
 
 
-def archive_with(www: Path, name: str, members: dict[str, bytes]) -> str:
-    "A tar.gz of `members` published under `www/name/`; returns its sha256."
+def archive_with(www: Path, name: str, members: dict[str, bytes | str]) -> str:
+    "A tar.gz of `members` (a file's bytes, or a symbolic link's target) published under `www/name/`; returns its sha256."
     (www / name).mkdir(exist_ok=True)
     with tarfile.open(www / name / ASSET_NAME, "w:gz") as tar:
         for member, data in members.items():
             info = tarfile.TarInfo(member)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            if isinstance(data, str):
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return sha256_file(www / name / ASSET_NAME)
 
 
-@pytest.mark.parametrize("case", ["tampered model", "path outside"])
+@pytest.mark.parametrize("case", ["tampered model", "path outside", "a link"])
 def test_an_archive_that_verifies_but_is_wrong_inside_leaves_nothing(case, published, web, tmp_path):
     serving, www, _ = published
     members = {p.name: p.read_bytes() for p in serving.iterdir() if p.is_file()}
     if case == "tampered model":
         members["model.int8.onnx"] = members["model.int8.onnx"][:-10]
-    else:
+    elif case == "path outside":
         members["../../escaped.txt"] = b"outside"
+    else:
+        members["tokenizer.json"] = "/etc/passwd"  # a link out of the archive, in place of a model file
     digest = archive_with(www, case.replace(" ", "-"), members)
     proc = run_cli(
         "mlops-model", "fetch", "--url", f"{web}/{case.replace(' ', '-')}/{ASSET_NAME}", "--sha256", digest, "--out", tmp_path / "a" / "serving"

@@ -183,3 +183,21 @@ def test_no_progress_bars_or_model_summaries_in_outputs():
             text = json.dumps(cell.get("outputs", []), ensure_ascii=False)
             found += [f"{notebook.stem} cell {i}: {m.group(0)!r}" for pattern in (PROGRESS_BAR, MODEL_SUMMARY) if (m := pattern.search(text))]
     assert not found, "\n".join(found)
+
+
+def mixed_import_cells(notebook: Path) -> list[str]:
+    "Cells nbdev's docs pre-processing runs because they import, though they also run other code (nbdev's FAQ: keep imports alone)."
+    to_python = TransformerManager().transform_cell
+    found = []
+    for i, directives, cell in code_cells(notebook):
+        if directives.keys() & {"export", "exports", "exporti", "exec_doc"} or directives.get("eval:") == ["false"]:
+            continue  # run by the pre-processing on purpose, or never run
+        nodes = list(ast.walk(ast.parse(to_python(cell.source))))
+        if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in nodes) and any(isinstance(n, (ast.Expr, ast.Assign)) for n in nodes):
+            found.append(f"{notebook.stem} cell {i}: {cell.source.splitlines()[0]}")
+    return found
+
+
+def test_imports_stand_in_cells_of_their_own():
+    "A cell that imports holds only imports: nbdev runs every importing cell to render the docs, without the cells before it."
+    assert not (found := [f for notebook in NOTEBOOKS for f in mixed_import_cells(notebook)]), "split the imports out:\n" + "\n".join(found)

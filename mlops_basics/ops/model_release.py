@@ -13,7 +13,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from .. import __version__
@@ -108,6 +108,21 @@ def published_sha256(
     return digest
 
 # %% ../../nbs/05f_model_release.ipynb #c895b365
+# Python 3.11.4 added extraction filters; Debian 12's 3.11.2 has none, so members are checked first on every version
+_DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+def _plain_members(
+    tar: tarfile.TarFile,  # an opened archive
+) -> list[tarfile.TarInfo]:
+    "The archive's members, refused unless each is a plain file or folder inside the archive (no links, devices or `..`)."
+    for member in (members := tar.getmembers()):
+        path = PurePosixPath(member.name)
+        if not (member.isfile() or member.isdir()) or path.is_absolute() or ".." in path.parts:
+            raise tarfile.TarError(f"refusing {member.name!r}: not a plain file inside the archive")
+    return members
+
+
 def _unpack_checked(
     archive: Path,  # a downloaded archive, its sha256 checked
     out_dir: Path,  # the serving directory to (re)write
@@ -117,7 +132,7 @@ def _unpack_checked(
     with atomic_directory(out_dir) as staging:
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(staging, filter="data")
+                tar.extractall(staging, members=_plain_members(tar), **_DATA_FILTER)
             check_serving(staging)
         except (tarfile.TarError, ArtifactsError, OSError, EOFError) as e:  # EOFError: a truncated gzip stream
             raise ModelReleaseError(f"{url}: not a complete serving directory ({e})") from e
