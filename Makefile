@@ -108,8 +108,8 @@ lint-fix: install-dev
 	$(BIN)/nbdev_clean
 
 # The pages show the real model: run them after `make run` (it leaves artifacts/ and reports/), then commit nbs/.
-# The orchestration pages (13*) run in .venv-prefect: built when all pages are asked for, or one of those.
-pages: install-dev $(if $(PAGES),$(if $(filter 13%,$(PAGES)),prefect-venv),prefect-venv)
+# The orchestration pages (13*) run in .venv-prefect, and Week 12a starts MLServer from .venv-mlserver: each built when all pages are asked for, or a page that needs it.
+pages: install-dev $(if $(PAGES),$(if $(filter 13%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver),prefect-venv mlserver)
 	cd nbs && HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false ../$(BIN)/python -c \
 	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow)
 	$(BIN)/nbdev_clean

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import netrc
 import os
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from ..core.predictions import binary_metrics, confusion_matrix
 
 # %% auto #0
 __all__ = ['LOGGER_KINDS', 'WANDB_MODES', 'wandb_credentials_configured', 'resolve_wandb_mode', 'make_logger', 'ValidationReport',
-           'validation_report', 'write_report', 'log_report', 'log_model_artifact', 'finish_logger']
+           'validation_report', 'write_report', 'log_report', 'log_model_artifact', 'finish_logger', 'logged_tables']
 
 # %% ../../nbs/01_tracking.ipynb #7fa3ab3f
 LOGGER_KINDS = ("wandb", "csv", "none")
@@ -138,3 +139,9 @@ def finish_logger(logger) -> None:
     if logger: logger.finalize("success")
     run = _wandb_run(logger) if logger else None
     if run is not None: run.finish()
+
+
+def logged_tables(run_dir: str | Path, # a W&B run's files: `logger.experiment.dir`, or `<log dir>/wandb/latest-run/files`
+                 ) -> dict[str, dict]:
+    "The validation tables a run logged (`confusion`, `misclassified`), as W&B keeps them on disk: columns and rows."
+    return {p.name.split("_")[0]: json.loads(p.read_text()) for p in sorted(Path(run_dir, "media", "table", "validation").glob("*.table.json"))}
