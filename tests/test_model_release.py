@@ -123,4 +123,5 @@ def test_an_archive_that_verifies_but_is_wrong_inside_leaves_nothing(case, publi
         "mlops-model", "fetch", "--url", f"{web}/{case.replace(' ', '-')}/{ASSET_NAME}", "--sha256", digest, "--out", tmp_path / "a" / "serving"
     )
     assert proc.returncode == 1 and "not a complete serving directory" in proc.stderr, proc.stderr
+    assert ("refusing" in proc.stderr) == (case != "tampered model"), proc.stderr  # links and `..` stop before anything is unpacked
     assert list(tmp_path.iterdir()) == []
