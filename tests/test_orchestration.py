@@ -2,7 +2,8 @@
 SQLite): retrain on the course's DVC pipeline with a tiny model, a local DVC remote, moto (ECR, Lambda, CloudWatch) and a local
 registry; a push that fails once as a flaky network would and is retried; an unchanged model that is not released again; a failed
 quality gate that stops before any push or release; an unhealthy canary rolled back; drift that starts the retrain deployment of
-prefect.yaml. Prefect's pins clash with .venv's, so the flows run in
+prefect.yaml; falling labelled agreement that starts it. The whole loop with a real Prometheus firing the agreement alert runs in
+nbs/13c_closing_the_loop.ipynb's slow cells (tests/test_notebooks.py), so it is not run twice. Prefect's pins clash with .venv's, so the flows run in
 .venv-prefect (mlops_basics.devtools.orchestration_driver) and these tests read what the API recorded."""
 
 import json
@@ -355,80 +356,3 @@ def test_falling_labelled_agreement_starts_the_retrain(world, pool, tmp_path, mo
     triggered = ran["result"]["retrain_flow_run"]
     state = world["drive"]({"pool": {"wait": {"flow_run_id": triggered, "timeout_s": 0}}})
     assert triggered and state["state"] in ("Scheduled", "Late"), state
-
-
-def test_the_agreement_alert_fires_in_prometheus_and_the_retrain_it_calls_for_is_promoted(world, pool, prefect_python, tmp_path, monkeypatch):
-    "The loop of nbs/13c_closing_the_loop.ipynb: a real Prometheus on the rehearsal's clock sees labelled agreement fall when the traffic shifts and fires the alert; the monitor starts retrain/weekly, a process worker completes it and the new version is live."
-    import itertools
-    import time
-
-    from mlops_basics.core.data import LABELS, load_cola
-    from mlops_basics.devtools.rehearsal import sh
-    from mlops_basics.devtools.test_utils import serve
-    from mlops_basics.ops.loop import (
-        AGREEMENT,
-        BOUND,
-        active_alert,
-        alert_spans,
-        labelled_traffic,
-        local_prometheus,
-        post_json,
-        query_range,
-        rehearsal_rules,
-        until_alert,
-    )
-
-    serving_dir = world["repo"] / "artifacts" / "serving"
-    if not serving_dir.exists():  # run alone (-k): the live model the earlier tests' retrains would have left
-        sh("dvc", "repro", cwd=world["repo"], tools=str(BIN))
-    monkeypatch.setenv("MLOPS_FEEDBACK_BURST", "1000")
-    monkeypatch.setenv("MLOPS_FEEDBACK_PER_MINUTE", "100000")
-    cola = load_cola()
-    with serve("--serving-dir", serving_dir, log=tmp_path / "app.log") as url:
-        candidates = list(cola.train[:800])
-        answers = [
-            p["label_id"]
-            for s in range(0, 800, 32)
-            for p in post_json(f"{url}/predict", {"sentences": [e.sentence for e in candidates[s : s + 32]]})["predictions"]
-        ]
-        misjudged = itertools.cycle([e for e, a in zip(candidates, answers) if a != e.label])
-        rules = rehearsal_rules((ROOT / "monitoring" / "prometheus" / "rules.yml").read_text())
-        with local_prometheus(tmp_path / "prometheus", [url.removeprefix("http://")], rules) as prom:
-            started = time.time()
-            before = labelled_traffic(url, cola.validation[:200], LABELS, pause_s=0.3)
-            assert before["labelled"] == 200 and active_alert(prom) is None  # in-domain labels agree as often as validation said
-            shift = time.time()
-            firing = until_alert(
-                prom, lambda: labelled_traffic(url, [next(misjudged) for _ in range(8)], LABELS, pause_s=0.3), "firing", timeout_s=300
-            )
-            for _ in range(20):  # the ALERTS sample of the firing state may land just after the moment /api/v1/alerts said so
-                spans = alert_spans(prom, started, time.time())
-                if spans["firing"]:
-                    break
-                time.sleep(0.5)
-            agreement, bound = query_range(prom, AGREEMENT, started, time.time()), query_range(prom, BOUND, started, time.time())
-    assert firing["labels"]["model"] == "main" and spans["pending"] and spans["firing"] and shift < spans["pending"][0] < spans["firing"][0], spans
-    assert spans["firing"][0] - spans["pending"][0] >= 14  # the rehearsal's `for: 15s` (15m / 60)
-    assert agreement[0][1] > bound[0][1] > agreement[-1][1]
-
-    params = world["repo"] / "params.yaml"  # new data's stand-in: another learning rate, so the pipeline trains a new model
-    params.write_text(re.sub(r"learning_rate: \S+", "learning_rate: 0.0003", params.read_text()))
-    published = [int(v) for v in versions(world) if v.isdigit()]
-    lambda_traffic(world["moto"], FUNCTION, {str(max(published) + 1): (300, 1), alias_state(world["moto"], FUNCTION)[0]: (2700, 8)})
-    parameters = {**world["rehearsal"], "behaviour_thresholds": {}, "mcc_tolerance": 2.0}
-    watch = {
-        "logs": str(tmp_path / "app.log"),
-        "serving_dir": str(serving_dir),
-        "work_dir": str(tmp_path / "monitor"),
-        "reference_sample": 300,
-        "tools": str(BIN),
-        "retry_delay_s": 0,
-        "retrain_parameters": parameters,
-    }
-    monitored = world["drive"]({"run": "monitor", "parameters": watch})
-    assert monitored["state"] == "Completed" and monitored["result"]["agreement_falling"] is True, monitored
-    run_id = monitored["result"]["retrain_flow_run"]
-    with process_worker(prefect_python, worker_env(world), tmp_path / "worker.log"):
-        done = world["drive"]({"pool": {"wait": {"flow_run_id": run_id, "timeout_s": 1200}}}, timeout=1300)
-    assert done["state"] == "Completed", (done, (tmp_path / "worker.log").read_text()[-3000:])
-    assert alias_state(world["moto"], FUNCTION) == (str(max(published) + 1), {})  # the retrained model is live
