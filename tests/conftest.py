@@ -33,6 +33,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what they will
+def pytest_collection_modifyitems(config, items):
+    "A page's slow run executes every cell of its plain run as well (test_plain_runs_need_no_slow_cell): when both are selected, run it once."
+    slow_runs = {item.callspec.params["notebook"] for item in items if item.originalname == "test_notebook_slow_cells"}
+    covered = [item for item in items if item.originalname == "test_notebook" and item.callspec.params["notebook"] in slow_runs]
+    if covered:
+        config.hook.pytest_deselected(items=covered)
+        items[:] = [item for item in items if item not in covered]
+
+
 PREFECT_VENV = ROOT / ".venv-prefect"  # Prefect 3's pins clash with .venv's: the orchestration extra has its own (see the Makefile)
 
 

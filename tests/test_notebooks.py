@@ -201,3 +201,31 @@ def mixed_import_cells(notebook: Path) -> list[str]:
 def test_imports_stand_in_cells_of_their_own():
     "A cell that imports holds only imports: nbdev runs every importing cell to render the docs, without the cells before it."
     assert not (found := [f for notebook in NOTEBOOKS for f in mixed_import_cells(notebook)]), "split the imports out:\n" + "\n".join(found)
+
+
+def names_of(source: str) -> tuple[set[str], set[str]]:
+    "(names a cell binds anywhere in it, names it reads) of a code cell's Python."
+    binds, reads = set(), set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name):
+            (reads if isinstance(node.ctx, ast.Load) else binds).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            binds.add(node.name)
+        elif isinstance(node, ast.arg):
+            binds.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            binds.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return binds, reads
+
+
+def needs_slow_cells(notebook: Path) -> list[str]:
+    "Cells that run without the `slow` flag but read a name only `#| slow` cells bind: the page would fail under plain nbdev_test."
+    to_python = TransformerManager().transform_cell
+    cells = [("slow" in d, *names_of(to_python(c.source)), i) for i, d, c in code_cells(notebook)]
+    slow_only = set().union(*(b for slow, b, _, _ in cells if slow)) - set().union(*(b for slow, b, _, _ in cells if not slow))
+    return [f"{notebook.stem} cell {i}: {', '.join(sorted(r & slow_only))}" for slow, _, r, i in cells if not slow and r & slow_only]
+
+
+def test_plain_runs_need_no_slow_cell():
+    "A page's run with the `slow` flag executes every cell of its plain run, and no plain cell reads what only a slow cell makes."
+    assert not (found := [f for notebook in NOTEBOOKS for f in needs_slow_cells(notebook)]), "\n".join(found)
