@@ -116,7 +116,8 @@ pages: install-dev $(if $(PAGES),$(if $(filter 13%,$(PAGES)),prefect-venv) $(if 
 	$(BIN)/python tools/sync_readme.py
 
 # Every serving-side benchmark, re-run on the model `make run` left in artifacts/: ONNX against PyTorch, the int8 methods, the
-# image with its cold starts (HTTP and Lambda), the protocol against MLServer and the naive PyTorch app, and the soak. Each
+# image with its cold starts (HTTP and Lambda), the protocol against MLServer and the naive PyTorch app, the soak, and the
+# behaviour suite's rates (the gate's thresholds move only with behaviour_benchmark.py --write-thresholds). Each
 # result in benchmarks/results/ names the model version and backbone it measured. Needs podman and wrk (as for `make test`)
 # and an otherwise idle machine; then `make pages PAGES="benchmarks.ipynb 04a_export.ipynb"` redraws the charts.
 QUANTIZED ?= default=artifacts/serving $(if $(wildcard artifacts/seed_43/serving),seed_43=artifacts/seed_43/serving)
@@ -127,6 +128,7 @@ bench: install-dev mlserver $(SYSTEM_PACKAGES)
 	$(BIN)/python benchmarks/serving_benchmark.py --model artifacts/model --serving-dir artifacts/serving
 	$(BIN)/python benchmarks/protocol_benchmark.py --serving-dir artifacts/serving --model-dir artifacts/model
 	$(BIN)/python benchmarks/soak_benchmark.py --serving-dir artifacts/serving
+	$(BIN)/python benchmarks/behaviour_benchmark.py --serving-dir artifacts/serving
 
 lab: install-dev
 	$(BIN)/jupyter lab nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"which servers, of {', '.join(SERVERS)}")
     parser.add_argument("--out", type=Path, default=RESULT, help="where to write the results")
     args = parser.parse_args(argv)
+    args.serving_dir, args.model_dir = args.serving_dir.resolve(), args.model_dir.resolve()  # the servers start in scratch directories
     chosen = args.servers.split(",")
     if set(chosen) - set(SERVERS):
         parser.error(f"--servers: unknown {sorted(set(chosen) - set(SERVERS))}; choose among {', '.join(SERVERS)}")
