@@ -304,3 +304,24 @@ def test_mlserver_adaptive_batches_answer_each_request_its_own(mlserver_url, pro
     for sentence, answer in answers:
         assert answer["outputs"][0]["shape"] == [1]
         assert_same_as_predict(answer["outputs"][0]["data"], answer["outputs"][1]["data"], [expected[sentence]], labels, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_protocol_benchmark_takes_the_relative_serving_dir_make_bench_passes(mlserver_bin, serving_dir, tmp_path):
+    "`make bench` names artifacts/serving relative to the checkout; the app and MLServer start in scratch directories and still load it."
+    import sys
+
+    from mlops_basics.core.artifacts import read_metadata
+    from mlops_basics.serving.predictor import model_version
+
+    out = tmp_path / "protocol.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "protocol_benchmark.py"), "--serving-dir", serving_dir.name, "--model-dir", "no-model"]
+    options = ["--servers", "app,mlserver", "--batches", "1", "--rounds", "1", "--duration", "2", "--out", str(out)]
+    proc = subprocess.run([*command, *options], cwd=serving_dir.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"]["serving_dir_version"] == model_version(read_metadata(serving_dir))
+    rows = {r["server"]: r for r in result["results"]}
+    assert set(rows) == {"app /predict", "app /v2 infer", "MLServer"} and all(r["requests_per_s"] > 0 and r["non_2xx"] == 0 for r in rows.values()), (
+        rows
+    )
