@@ -124,7 +124,8 @@ $(SEED_43): params.yaml artifacts/serving/metadata.json
 
 # Every serving-side benchmark, re-run on the model `make run` left in artifacts/: ONNX against PyTorch, the int8 methods, the
 # image with its cold starts (HTTP and Lambda), the protocol against MLServer and the naive PyTorch app, the soak, and the
-# behaviour suite's rates (the gate's thresholds move only with behaviour_benchmark.py --write-thresholds). Each
+# behaviour suite's rates (the gate's thresholds move only with behaviour_benchmark.py --write-thresholds), and the backbone
+# table's sizes, speeds and served MCCs of both seeds. Each
 # result in benchmarks/results/ names the model version and backbone it measured. Needs podman and wrk (as for `make test`)
 # and an otherwise idle machine; then `make pages PAGES="benchmarks.ipynb 04a_export.ipynb"` redraws the charts.
 QUANTIZED ?= default=artifacts/serving seed_43=$(SEED_43)
@@ -136,6 +137,7 @@ bench: install-dev mlserver $(SEED_43) $(SYSTEM_PACKAGES)
 	$(BIN)/python benchmarks/protocol_benchmark.py --serving-dir artifacts/serving --model-dir artifacts/model
 	$(BIN)/python benchmarks/soak_benchmark.py --serving-dir artifacts/serving
 	$(BIN)/python benchmarks/behaviour_benchmark.py --serving-dir artifacts/serving
+	$(BIN)/python benchmarks/backbone_benchmark.py --served all-mpnet-base-v2=artifacts/serving all-mpnet-base-v2=$(SEED_43)
 
 lab: install-dev
 	$(BIN)/jupyter lab nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)

@@ -26,7 +26,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from quantization_benchmark import measure, model_version  # noqa: E402  (run as a script: benchmarks/ is on the path)
+from quantization_benchmark import measure  # noqa: E402  (run as a script: benchmarks/ is on the path)
+
+from mlops_basics.serving.predictor import model_version
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "backbones.json"
@@ -79,8 +81,9 @@ def served_runs(specs: list[str]) -> dict[str, list[dict]]:
     for spec in specs:
         name, _, directory = spec.partition("=")
         serving = read_metadata(Path(directory))
-        model_dir = Path(serving["source"]["model_dir"])  # relative to the checkout that ran the pipeline (artifacts/serving's grandparent)
-        trained = read_metadata(model_dir if model_dir.is_absolute() else Path(directory).resolve().parents[1] / model_dir)
+        model_dir = Path(serving["source"]["model_dir"])  # as mlops-export was given it: usually relative to the checkout it ran in
+        candidates = [model_dir] if model_dir.is_absolute() else [ROOT / model_dir, Path(directory).resolve().parent / model_dir.name]
+        trained = read_metadata(next((c for c in candidates if c.is_dir()), candidates[0]))  # else: its clear "does not exist" error
         variant = serving["default_variant"]
         runs[name].append(
             {
