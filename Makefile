@@ -115,16 +115,16 @@ pages: install-dev $(if $(PAGES),$(if $(filter 13%,$(PAGES)),prefect-venv) $(if 
 	$(BIN)/nbdev_clean
 	$(BIN)/python tools/sync_readme.py
 
-# The shipped recipe trained again on the second seed, for the tables that compare two seeds (quantisation: make bench). Made
-# once (about as long as `make run`), and again only when the recipe or the model that ships changes.
+# The shipped recipe trained again on the second seed, for the two tables of make bench that compare seeds (quantisation,
+# backbones). Made once (about as long as `make run`), and again only when the recipe or the model that ships changes.
 SEED_43 := artifacts/seed_43/serving
 $(SEED_43): params.yaml artifacts/serving/metadata.json
 	$(BIN)/mlops-train --config-dir . --config-name params training.seed=43 paths.root=artifacts/seed_43 hydra.run.dir=artifacts/seed_43/hydra
 	$(BIN)/mlops-export artifacts/seed_43/model $@ --cola data/cola
 
 # Every serving-side benchmark, re-run on the model `make run` left in artifacts/: ONNX against PyTorch, the int8 methods, the
-# image with its cold starts (HTTP and Lambda), the protocol against MLServer and the naive PyTorch app, the soak, and the
-# behaviour suite's rates (the gate's thresholds move only with behaviour_benchmark.py --write-thresholds), and the backbone
+# image with its cold starts (HTTP and Lambda), the protocol against MLServer and the naive PyTorch app, the soak, the
+# behaviour suite's rates (the gate's thresholds move only with behaviour_benchmark.py --write-thresholds) and the backbone
 # table's sizes, speeds and served MCCs of both seeds. Each
 # result in benchmarks/results/ names the model version and backbone it measured. Needs podman and wrk (as for `make test`)
 # and an otherwise idle machine; then `make pages PAGES="benchmarks.ipynb 04a_export.ipynb"` redraws the charts.
