@@ -4,14 +4,18 @@ token types, from `load_backbone` through `mlops-train` and `mlops-export` to th
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from mlops_basics.core.artifacts import read_metadata
 from mlops_basics.devtools.test_utils import TINY_TRAIN, run_cli
 from mlops_basics.training.backbones import ENCODER_FAMILIES, load_backbone
+from mlops_basics.training.export import calibration_batches, products_after_gelu, quantize_int8, runtime_operators
 from mlops_basics.training.model import collate, encode, encoder_layers, parameter_groups, reinit_top_layers
 
+CALIBRATION = ["The book was read by the student.", "Book the the read.", "She has eaten.", "Him saw I yesterday the."] * 4
 FAMILIES = {"bert": "tiny-random-bert", "distilbert": "tiny-random-distilbert", "mpnet": "tiny-random-mpnet"}
 
 
@@ -79,3 +83,9 @@ def test_train_and_export_every_family(family, tmp_path):
     assert ("token_type_ids" in predictor.input_names) == (family == "bert")
     probs = predictor.predict_proba(["The book was read by the student.", "Book the the read."])
     assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    # static int8 multiplies in int8 on every family: each weight product but the GELU-fed ones becomes MatMulIntegerToFloat
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    fp32 = tmp_path / "serving" / "model.onnx"
+    static = quantize_int8(fp32, tmp_path / "static.onnx", "static", calibration_batches(tokenizer, CALIBRATION, 32))
+    ops, after_gelu = runtime_operators(static), products_after_gelu(onnx.load(str(fp32)))
+    assert ops["MatMulNBits"] == len(after_gelu) > 0 and ops["MatMulIntegerToFloat"] >= len(after_gelu) and ops["MatMul"] == 0, ops
