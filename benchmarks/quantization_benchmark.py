@@ -22,6 +22,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "quantization.json"
 N_LATENCY, BATCH, THREADS = 300, 32, 2
+PRODUCT_OPS = (
+    "MatMul",
+    "FusedMatMul",
+    "MatMulIntegerToFloat",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "QLinearMatMul",
+    "MatMulNBits",
+    "Attention",
+    "QAttention",
+)
 
 
 def measure(path: Path, tokenizer, sentences: list[str]) -> tuple[np.ndarray, dict]:
@@ -29,6 +40,7 @@ def measure(path: Path, tokenizer, sentences: list[str]) -> tuple[np.ndarray, di
     import onnxruntime as ort
 
     from mlops_basics.serving.predictor import encode_batch
+    from mlops_basics.training.export import runtime_operators
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
@@ -54,6 +66,7 @@ def measure(path: Path, tokenizer, sentences: list[str]) -> tuple[np.ndarray, di
         "batch1_p50_ms": round(float(np.median(times)) * 1000, 2),
         "batch32_sentences_per_s": round(throughput, 1),
         "max_abs_change_alone_vs_batched": batch_invariance,
+        "products_run_as": {op: n for op, n in runtime_operators(path).items() if op in PRODUCT_OPS},  # what ONNX Runtime multiplies with
     }
 
 
