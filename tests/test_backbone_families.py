@@ -7,15 +7,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from mlops_basics.core.artifacts import read_metadata
 from mlops_basics.devtools.test_utils import TINY_TRAIN, run_cli
 from mlops_basics.training.backbones import ENCODER_FAMILIES, load_backbone
-from mlops_basics.training.export import calibration_batches, products_after_gelu, quantize_int8, runtime_operators
+from mlops_basics.training.export import products_after_gelu, runtime_operators
 from mlops_basics.training.model import collate, encode, encoder_layers, parameter_groups, reinit_top_layers
 
-CALIBRATION = ["The book was read by the student.", "Book the the read.", "She has eaten.", "Him saw I yesterday the."] * 4
 FAMILIES = {"bert": "tiny-random-bert", "distilbert": "tiny-random-distilbert", "mpnet": "tiny-random-mpnet"}
 
 
@@ -77,15 +75,14 @@ def test_train_and_export_every_family(family, tmp_path):
     meta = read_metadata(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == family
     assert meta["backbone_source"]["random_init"]["model_type"] == family
-    proc = run_cli("mlops-export", tmp_path / "model", tmp_path / "serving")
+    proc = run_cli("mlops-export", tmp_path / "model", tmp_path / "serving", "--int8", "static")
     assert proc.returncode == 0, proc.stderr[-3000:]
     predictor = ONNXPredictor(tmp_path / "serving")
     assert ("token_type_ids" in predictor.input_names) == (family == "bert")
     probs = predictor.predict_proba(["The book was read by the student.", "Book the the read."])
     assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
     # static int8 multiplies in int8 on every family: each weight product but the GELU-fed ones becomes MatMulIntegerToFloat
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
-    fp32 = tmp_path / "serving" / "model.onnx"
-    static = quantize_int8(fp32, tmp_path / "static.onnx", "static", calibration_batches(tokenizer, CALIBRATION, 32))
-    ops, after_gelu = runtime_operators(static), products_after_gelu(onnx.load(str(fp32)))
+    assert read_metadata(tmp_path / "serving")["variants"]["int8"]["method"] == "static"
+    ops = runtime_operators(tmp_path / "serving" / "model.int8.onnx")
+    after_gelu = products_after_gelu(onnx.load(str(tmp_path / "serving" / "model.onnx")))
     assert ops["MatMulNBits"] == len(after_gelu) > 0 and ops["MatMulIntegerToFloat"] >= len(after_gelu) and ops["MatMul"] == 0, ops
