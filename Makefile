@@ -137,7 +137,7 @@ bench: install-dev mlserver $(SEED_43) $(SYSTEM_PACKAGES)
 	$(BIN)/python benchmarks/protocol_benchmark.py --serving-dir artifacts/serving --model-dir artifacts/model
 	$(BIN)/python benchmarks/soak_benchmark.py --serving-dir artifacts/serving
 	$(BIN)/python benchmarks/behaviour_benchmark.py --serving-dir artifacts/serving
-	$(BIN)/python benchmarks/backbone_benchmark.py --served all-mpnet-base-v2=artifacts/serving all-mpnet-base-v2=$(SEED_43)
+	$(BIN)/python benchmarks/backbone_benchmark.py --served "all-mpnet-base-v2, 1.4 epochs=artifacts/serving" "all-mpnet-base-v2, 1.4 epochs=$(SEED_43)"
 
 lab: install-dev
 	$(BIN)/jupyter lab nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)

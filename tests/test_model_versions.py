@@ -20,9 +20,10 @@ def shipped() -> set[str]:
 
 
 def shown(path: Path) -> set[str]:
-    "The model versions a page's outputs (not its code) or a result file names."
+    "The model versions a page's outputs and prose (not its code) or a result file names."
     if path.suffix == ".ipynb":
-        text = json.dumps([c.get("outputs", []) for c in json.loads(path.read_text())["cells"]])
+        cells = json.loads(path.read_text())["cells"]
+        text = json.dumps([c.get("outputs", []) for c in cells] + ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"])
     else:
         text = path.read_text()
     return set(VERSION.findall(text))

@@ -180,7 +180,7 @@ def _static(source: Path, target: Path, calibration: Sequence[dict[str, np.ndarr
                         nodes_to_exclude=after_gelu, calibrate_method=CalibrationMethod.MinMax,
                         # a product's result stays float: ONNX Runtime then fuses it into MatMulIntegerToFloat, and no 8-bit
                         # rounding of each product's output (which cost 0.2 MCC on the shipped recipe) is added
-                        extra_options=FLOAT_DEFAULT | {"OpTypesToExcludeOutputQuantization": ["MatMul"]})
+                        extra_options=FLOAT_DEFAULT | {"OpTypesToExcludeOutputQuantization": ["MatMul"], "CalibMovingAverage": True})
     finally: typed.unlink(missing_ok=True)
     _drop_unused_initializers(target)
     if after_gelu: _blockwise(onnx.load(str(target)), target, after_gelu)
