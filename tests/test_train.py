@@ -74,6 +74,8 @@ def test_mpnet_named_config(tmp_path):
     job, default = yaml.safe_load(proc.stdout), compose_config()
     assert job["model"]["backbone"] == "all-mpnet-base-v2"
     assert (job["training"]["learning_rate"], job["training"]["layer_decay"], job["trainer"]["max_epochs"]) == (3e-5, 1.0, 3)
+    assert job["trainer"]["limit_train_batches"] is None  # three whole epochs, where the default trains 2 x 70% of one
+    assert (default.trainer.max_epochs, default.trainer.limit_train_batches) == (2, 0.7)
     assert job["data"] == dict(default.data) and job["training"]["seed"] == default.training.seed  # the rest is the default's
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         validate_config(compose("mpnet"))
@@ -91,6 +93,7 @@ def test_minilm_named_config(tmp_path):
     job, default = yaml.safe_load(proc.stdout), compose_config()
     assert job["model"]["backbone"] == "all-MiniLM-L6-v2" and default.model.backbone == "all-mpnet-base-v2"
     assert (job["training"]["learning_rate"], job["training"]["layer_decay"], job["trainer"]["max_epochs"]) == (1e-4, 0.8, 6)
+    assert job["trainer"]["limit_train_batches"] is None
     assert job["data"] == dict(default.data)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         validate_config(compose("minilm"))
@@ -236,7 +239,8 @@ def training_sentences(cfg) -> int:
 @pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     "SIGKILL mid-epoch after a step checkpoint; the same command resumes from it and finishes."
-    args = [*TINY_TRAIN, "trainer.max_epochs=2", "training.checkpoint_every_n_steps=20", "data.batch_size=8", f"paths.root={tmp_path}"]
+    args = [*TINY_TRAIN, "trainer.max_epochs=2", "trainer.limit_train_batches=1.0", "training.checkpoint_every_n_steps=20", "data.batch_size=8",
+            f"paths.root={tmp_path}"]  # whole epochs, which the step arithmetic below assumes
     proc = subprocess.Popen([str(BIN / "mlops-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     last = tmp_path / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
