@@ -40,7 +40,9 @@ def machine() -> dict:
 def sentences_trained(metadata: dict) -> int:
     "The training sentences a run went through: its optimizer steps times the sentences in each (2 x 70% of an epoch is 1.4 epochs)."
     config = metadata["config"]
-    per_step = config["data"]["batch_size"] * config["trainer"]["accumulate_grad_batches"] * config["trainer"]["devices"] * config["trainer"]["num_nodes"]
+    per_step = (
+        config["data"]["batch_size"] * config["trainer"]["accumulate_grad_batches"] * config["trainer"]["devices"] * config["trainer"]["num_nodes"]
+    )
     return metadata["history"][-1]["step"] * per_step
 
 

@@ -239,8 +239,14 @@ def training_sentences(cfg) -> int:
 @pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     "SIGKILL mid-epoch after a step checkpoint; the same command resumes from it and finishes."
-    args = [*TINY_TRAIN, "trainer.max_epochs=2", "trainer.limit_train_batches=1.0", "training.checkpoint_every_n_steps=20", "data.batch_size=8",
-            f"paths.root={tmp_path}"]  # whole epochs, which the step arithmetic below assumes
+    args = [
+        *TINY_TRAIN,
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=1.0",
+        "training.checkpoint_every_n_steps=20",
+        "data.batch_size=8",
+        f"paths.root={tmp_path}",
+    ]  # whole epochs, which the step arithmetic below assumes
     proc = subprocess.Popen([str(BIN / "mlops-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     last = tmp_path / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
