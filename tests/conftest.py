@@ -55,6 +55,14 @@ def prefect_python() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mlserver_bin() -> Path:
+    "MLServer in its own environment (`make mlserver`: .venv-mlserver, made once and kept)."
+    proc = subprocess.run(["make", "-s", "-C", str(ROOT), "mlserver"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"make mlserver failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return ROOT / ".venv-mlserver" / "bin" / "mlserver"
+
+
+@pytest.fixture(scope="session")
 def cola_path() -> Path:
     "The local CoLA copy the tests read: $MLOPS_COLA_PATH, the release zip or a directory of its raw TSVs."
     path = Path(os.environ.get(COLA_ENV_VAR, ""))

@@ -43,6 +43,10 @@ def nbdev_test(notebook: Path, *flags: str, bin_dir: Path = BIN):
     assert proc.returncode == 0, f"{notebook.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
 
 
+# Pages whose slow cells start a program from another environment: that environment is made before they run.
+SLOW_NEEDS = {"12a_mlserver": "mlserver_bin"}
+
+
 def bin_dir_for(notebook: Path, request) -> Path:
     "The bin directory of the environment the page runs in: .venv's, or the one its fixture in OWN_VENV makes."
     return request.getfixturevalue(OWN_VENV[notebook.stem]).parent if notebook.stem in OWN_VENV else BIN
@@ -56,6 +60,8 @@ def test_notebook(notebook, request):
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", [p for p in NOTEBOOKS if has_flag(p, "slow")], ids=lambda p: p.stem)
 def test_notebook_slow_cells(notebook, request):
+    if notebook.stem in SLOW_NEEDS:
+        request.getfixturevalue(SLOW_NEEDS[notebook.stem])
     nbdev_test(notebook, "slow", bin_dir=bin_dir_for(notebook, request))
 
 

@@ -238,14 +238,6 @@ def test_the_lambda_handler_speaks_the_protocol(serving_dir, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def mlserver_bin() -> Path:
-    "MLServer in its own environment (`make mlserver`: .venv-mlserver, made once and kept)."
-    proc = subprocess.run(["make", "-s", "mlserver"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return ROOT / ".venv-mlserver" / "bin" / "mlserver"
-
-
-@pytest.fixture(scope="module")
 def mlserver_url(mlserver_bin, serving_dir, tmp_path_factory):
     "MLServer serving the tiny model (fp32, as the app's `blue`) as `cola` with `CoLARuntime` and adaptive batching on; yields its HTTP base URL."
     from mlops_basics.serving.mlserver import mlserver_repository
