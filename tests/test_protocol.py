@@ -317,3 +317,44 @@ def test_the_protocol_benchmark_takes_the_relative_serving_dir_make_bench_passes
     assert set(rows) == {"app /predict", "app /v2 infer", "MLServer"} and all(r["requests_per_s"] > 0 and r["non_2xx"] == 0 for r in rows.values()), (
         rows
     )
+
+
+def protocol_benchmark(monkeypatch):
+    "benchmarks/protocol_benchmark.py as a module (it imports its sibling serving_benchmark)."
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import protocol_benchmark
+
+    return protocol_benchmark
+
+
+def row(server, requests_per_s, cpu_ms, batch=1):
+    return {"server": server, "batch": batch, "requests_per_s": requests_per_s, "cpu_ms_per_request": cpu_ms}
+
+
+def test_the_protocol_targets_compare_like_with_like(monkeypatch):
+    "Batching against adaptive batching, no batching against none; the batch-8 rows and the other pairing's framework never count."
+    results = [
+        row("app /predict", 110, 17.0),
+        row("app /v2 infer", 100, 18.0),
+        row("app /predict, no batching", 95, 19.0),
+        row("MLServer", 100, 19.0),
+        row("MLServer, adaptive batching (8, 5 ms)", 90, 20.0),
+        row("naive FastAPI + PyTorch", 19, 100.0),
+        row("MLServer", 1, 1.0, batch=8),  # another batch size: not a target
+    ]
+    got = protocol_benchmark(monkeypatch).targets(results)
+    assert got["app_over_framework_at_batch_1"] == {
+        "batching on": {"app /predict": 1.22, "app /v2 infer": 1.11},
+        "batching off": {"app /predict, no batching": 0.95},
+    }
+    assert got["framework_cpu_over_app_at_batch_1"]["batching on"] == {"app /predict": 1.18, "app /v2 infer": 1.11}
+    assert got["app_at_least_as_fast_as_the_framework_at_batch_1"] == {"batching on": True, "batching off": False}
+    assert got["app_over_naive_at_batch_1"] == {"app /predict": 5.79, "app /v2 infer": 5.26, "app /predict, no batching": 5.0}
+    assert got["app_at_least_5x_the_naive_app_at_batch_1"] is True
+
+
+def test_a_pairing_with_a_side_not_measured_gets_no_verdict(monkeypatch):
+    "A short look at two servers (`--servers app,mlserver`) pairs nothing: no verdict, not a vacuous pass."
+    got = protocol_benchmark(monkeypatch).targets([row("app /predict", 110, 17.0), row("MLServer", 100, 19.0)])
+    assert got["app_at_least_as_fast_as_the_framework_at_batch_1"] == {"batching on": None, "batching off": None}
+    assert got["app_over_framework_at_batch_1"] == {} and got["app_at_least_5x_the_naive_app_at_batch_1"] is None

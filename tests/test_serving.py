@@ -427,6 +427,22 @@ def test_concurrent_requests_share_one_call_and_each_gets_its_own_answers(servin
     assert "Application shutdown complete." in [r["message"] for r in server]
 
 
+def test_with_batching_on_the_sessions_share_the_cores_among_the_calls(serving_dir):
+    "Two merged calls at once get half the cores each (not two sessions' worth of spinning threads); without batching, ONNX Runtime's default."
+    from mlops_basics.serving.app import load_predictors
+    from mlops_basics.serving.settings import ServeSettings
+
+    def intra_op_threads(**settings):
+        (predictor,) = load_predictors(ServeSettings(serving_dir=str(serving_dir), **settings)).values()
+        return predictor.session.get_session_options().intra_op_num_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert intra_op_threads(batching=True, batch_calls=2) == max(1, cores // 2)
+    assert intra_op_threads(batching=True, batch_calls=1) == cores
+    assert intra_op_threads(batching=False) == 0  # ONNX Runtime decides
+    assert intra_op_threads(batching=True, threads=3) == 3  # MLOPS_THREADS wins
+
+
 def test_a_failing_request_in_a_merged_call_fails_alone(serving_dir):
     "When one request of a merged call makes the model fail, the call is retried request by request: only that request gets the 500."
     from concurrent.futures import ThreadPoolExecutor

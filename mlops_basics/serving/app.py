@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import MutableHeaders
 
 from ..core.artifacts import ArtifactsError
-from .batching import Batcher, merges_exactly, predict_for_request
+from .batching import Batcher, merges_exactly, predict_for_request, threads_per_call
 from .feedback import FEEDBACK_MAX_BYTES, add_feedback_route
 from .observability import MULTIPROC_ENV, ServingMetrics, configure_request_logging, log_request, server_log_config
 from .predictor import ONNXPredictor
@@ -93,7 +93,8 @@ def model_details(predictor: ONNXPredictor) -> dict[str, Any]:
 def load_predictors(settings: ServeSettings, # which models, from `model_specs`
                    ) -> dict[str, ONNXPredictor]:
     "A loaded predictor for each model of `settings`, by name."
-    return {name: ONNXPredictor(directory, variant, settings.threads) for name, (directory, variant) in settings.model_specs().items()}
+    threads = threads_per_call(settings.threads, settings.batching, settings.batch_calls)
+    return {name: ONNXPredictor(directory, variant, threads) for name, (directory, variant) in settings.model_specs().items()}
 
 def init_state(app: FastAPI, # the app to set up
                settings: ServeSettings, # its settings
@@ -285,7 +286,7 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", help="fp32 or int8 (default: the directory's default)")
     parser.add_argument("--host", default="127.0.0.1"); parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--workers", type=int, default=1, help="server processes")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime threads per process")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads per call (default: its own; with batching on, the cores shared among the calls)")
     parser.add_argument("--max-batch", type=int); parser.add_argument("--max-chars", type=int)
     parser.add_argument("--log-text", action="store_true", help="log the sentences themselves")
     parser.add_argument("--model", action="append", metavar="NAME=DIR[@VARIANT]", help="serve several models (repeat the option)")

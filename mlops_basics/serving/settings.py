@@ -71,7 +71,7 @@ class ServeSettings:
     "How the app serves: which model, and the limits on requests."
     serving_dir: str = "artifacts/serving"  # the serving directory (MLOPS_SERVING_DIR)
     variant: Optional[str] = None  # fp32 or int8; None: the directory's default (MLOPS_MODEL_VARIANT)
-    threads: int = 0  # ONNX Runtime threads per process; 0: its default (MLOPS_THREADS)
+    threads: int = 0  # ONNX Runtime threads per call; 0: its default, or with batching on the cores shared among `batch_calls` (MLOPS_THREADS)
     max_batch: int = 64  # sentences per request at most (MLOPS_MAX_BATCH)
     max_chars: int = 1000  # characters per sentence at most (MLOPS_MAX_CHARS)
     max_body_bytes: int = 1_000_000  # request body size at most (MLOPS_MAX_BODY_BYTES)
