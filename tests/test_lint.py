@@ -124,10 +124,11 @@ def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     assert (service["apiVersion"], service["kind"], service["metadata"]["name"]) == ("serving.kserve.io/v1beta1", "InferenceService", "mlops-basics")
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] in ("RawDeployment", "Serverless")
     predictor = service["spec"]["predictor"]
-    assert set(predictor) <= {"minReplicas", "maxReplicas", "containers", "volumes"} and 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    assert set(predictor) <= {"minReplicas", "maxReplicas", "automountServiceAccountToken", "securityContext", "containers", "volumes"}
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"] and service["metadata"]["namespace"] == "mlops-basics"
     [container] = predictor["containers"]
     assert container["name"] == "kserve-container"  # KServe's predictor container; another name would be a sidecar
-    assert re.fullmatch(rf"[0-9]{{12}}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/{DEFAULTS['repository']}:[\w.-]+", container["image"])
+    assert re.fullmatch(rf"[0-9]{{12}}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/{DEFAULTS['repository']}@sha256:[0-9a-f]{{64}}", container["image"])
     dockerfile = (ROOT / "Dockerfile").read_text()
     env = {e["name"]: e["value"] for e in container["env"]}
     image_env = dict(re.findall(r"\b(PORT|WORKERS|MLOPS_SERVING_DIR)=(\S+)", dockerfile))
@@ -146,3 +147,5 @@ def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     assert (security["runAsUser"], security["runAsGroup"]) == (int(user[1]), int(user[2])) and security["runAsNonRoot"] is True
     assert security["readOnlyRootFilesystem"] is True and {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     assert {"name": "tmp", "emptyDir": {}} in predictor["volumes"]
+    assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
+    assert predictor["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"} and predictor["automountServiceAccountToken"] is False
