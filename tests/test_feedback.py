@@ -139,3 +139,103 @@ def test_feedback_through_the_lambda_handler(serving_dir, monkeypatch):
     finally:
         lambda_handler._runtime.clear()
         configure_request_logging(sys.stdout)
+
+
+KEY = "feedback-test-key-" + "0123456789abcdef" * 2  # 50 bytes
+
+
+def signed_app(serving_dir, monkeypatch, key: str = KEY):
+    "An app (one worker, one Lambda instance) with feedback signing on: each has only the key in common with another."
+    from mlops_basics.serving.app import create_app
+    from mlops_basics.serving.settings import ServeSettings
+
+    monkeypatch.setenv("MLOPS_FEEDBACK_KEY", key)
+    return create_app(ServeSettings(serving_dir=str(serving_dir), feedback_burst=50))
+
+
+def test_signed_tokens_cross_instances_and_refuse_forged_altered_expired_and_missing(serving_dir, monkeypatch):
+    from mlops_basics.ops.evaluation import feedback_records, join_feedback
+    from mlops_basics.serving.feedback import FeedbackSigner
+
+    one, other = TestClient(signed_app(serving_dir, monkeypatch)), TestClient(signed_app(serving_dir, monkeypatch))
+    predicted = one.post("/predict", json={"sentences": ["She sang.", "Sang she the."]}, headers={"X-Request-ID": "tok-pred-1"}).json()
+    tokens = [p["feedback_token"] for p in predicted["predictions"]]
+    label = predicted["predictions"][1]["label"]
+    answer = other.post("/feedback", json={"request_id": "tok-pred-1", "index": 1, "label": label, "token": tokens[1]})
+    assert answer.status_code == 202 and (answer.json()["verified"], answer.json()["agrees"]) == (True, True)  # another instance checks it
+    expired = FeedbackSigner([KEY.encode()], ttl=-1).issue("tok-pred-1", 0, "main", predicted["model_version"], label, "She sang.")
+    refused = {
+        "forged_token": {
+            "request_id": "tok-pred-1",
+            "index": 0,
+            "label": label,
+            "token": tokens[0][:-2] + ("AA" if tokens[0][-2:] != "AA" else "BA"),
+        },
+        "altered_token": {"request_id": "tok-pred-1", "index": 0, "label": label, "token": tokens[1]},  # sentence 1's token for sentence 0
+        "expired_token": {"request_id": "tok-pred-1", "index": 0, "label": label, "token": expired},
+        "missing_token": {"request_id": "never-predicted", "index": 0, "label": label},
+    }
+    for reason, body in refused.items():
+        answer = other.post("/feedback", json=body)
+        assert answer.status_code == 403 and reason.replace("_", " ") in answer.json()["detail"], (reason, answer.json())
+    metrics = other.get("/metrics").text
+    for reason in refused:
+        assert f'mlops_feedback_rejected_total{{reason="{reason}"}} 1.0' in metrics, reason
+    stranger = TestClient(signed_app(serving_dir, monkeypatch, key="another-deployment-" + "f" * 32))
+    assert stranger.post("/feedback", json={"request_id": "tok-pred-1", "index": 0, "label": label, "token": tokens[0]}).status_code == 403
+    # a replay: the same token twice at one instance is a 409; at two instances both are logged, and the evaluation keeps one
+    assert one.post("/feedback", json={"request_id": "tok-pred-1", "index": 0, "label": label, "token": tokens[0]}).status_code == 202
+    assert one.post("/feedback", json={"request_id": "tok-pred-1", "index": 0, "label": label, "token": tokens[0]}).status_code == 409
+    records = [
+        {
+            "timestamp": t,
+            "event": "feedback",
+            "status": 202,
+            "request_id": f"fb-{t}",
+            "prediction_request_id": "tok-pred-1",
+            "index": 0,
+            "label": label,
+        }
+        for t in (1.0, 2.0)
+    ]
+    prediction = {"timestamp": 0.5, "request_id": "tok-pred-1", "index": 0, "label": label, "model_version": predicted["model_version"]}
+    joined, counts = join_feedback([prediction], feedback_records(records))
+    assert len(joined) == 1 and counts["duplicates"] == 1
+
+
+def test_signed_feedback_across_two_workers(serving_dir, tmp_path, monkeypatch):
+    "`mlops-serve --workers 2`: whichever worker answers the feedback accepts the other's tokens (unsigned, about half would be unverified)."
+    from mlops_basics.devtools.test_utils import serve
+
+    monkeypatch.setenv("MLOPS_FEEDBACK_KEY", KEY)
+    log = tmp_path / "stdout.log"
+    with serve("--serving-dir", serving_dir, "--workers", "2", log=log) as url:
+        answers = []
+        for n in range(12):
+            [p] = predict(url, ["The book was read."], f"two-pred-{n}")["predictions"]
+            answers.append(
+                feedback(url, {"request_id": f"two-pred-{n}", "index": 0, "label": p["label"], "token": p["feedback_token"]}, f"two-fb-{n}")
+            )
+        forged = feedback(url, {"request_id": "two-pred-0", "index": 0, "label": "acceptable", "token": "e30." + "A" * 43}, "two-fb-forged")
+    assert all(status == 202 and body["verified"] and body["agrees"] for status, body in answers), answers
+    assert forged[0] == 403
+    lines = [l for l in json_lines(log.read_text()) if l.get("event") == "feedback"]
+    assert len(lines) == 12 and all(l["predicted"] == l["label"] and len(l["sentence_digest"]) == 32 for l in lines)
+
+
+def test_signed_feedback_through_the_lambda_handler_after_a_cold_start(serving_dir, monkeypatch):
+    monkeypatch.setenv("MLOPS_SERVING_DIR", str(serving_dir))
+    monkeypatch.setenv("MLOPS_FEEDBACK_KEY", KEY)
+    from mlops_basics.serving import lambda_handler
+
+    lambda_handler._runtime.clear()
+    try:
+        predicted = lambda_handler.handler({"sentences": ["She sang."]}, None)
+        [p] = predicted["predictions"]
+        lambda_handler._runtime.clear()  # another instance (a cold start): nothing in memory but the key
+        good = {"request_id": predicted["request_id"], "index": 0, "label": p["label"], "token": p["feedback_token"]}
+        answer = lambda_handler.handler(good, None)
+        assert answer["verified"] is True and answer["agrees"] is True
+        assert lambda_handler.handler({**good, "token": None}, None)["statusCode"] == 403
+    finally:
+        lambda_handler._runtime.clear()

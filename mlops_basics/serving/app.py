@@ -33,7 +33,7 @@ from starlette.datastructures import MutableHeaders
 
 from ..core.artifacts import ArtifactsError
 from .batching import Batcher, merges_exactly, predict_for_request, threads_per_call
-from .feedback import FEEDBACK_MAX_BYTES, add_feedback_route
+from .feedback import FEEDBACK_MAX_BYTES, add_feedback_route, feedback_tokens
 from .observability import MULTIPROC_ENV, ServingMetrics, configure_request_logging, log_request, server_log_config
 from .predictor import ONNXPredictor
 from .settings import PredictResponse, RequestLimits, ServeSettings, parse_split, request_model, sticky_assignment, too_large
@@ -218,9 +218,11 @@ def add_predict_route(app: FastAPI, # the app, after `init_state`
     async def predict(body: PredictRequest, request: Request) -> PredictResponse:
         name, assigned = choose_model(state, body.model, request.headers.get("x-user-id", ""))
         predictions = await predict_for_request(request, name, assigned, body.sentences)
+        version = state.predictors[name].version
+        tokens = feedback_tokens(state, request.state.request_id, name, version, body.sentences, [p.label for p in predictions])
         # `PredictResponse` documents the answer; built from our own values, it need not be validated again on every request
-        return JSONResponse({"model_version": state.predictors[name].version, "model": name, "request_id": request.state.request_id,
-                             "predictions": [p.to_dict() for p in predictions]})
+        return JSONResponse({"model_version": version, "model": name, "request_id": request.state.request_id,
+                             "predictions": [{**p.to_dict(), **({"feedback_token": t} if t else {})} for p, t in zip(predictions, tokens)]})
 
 # %% ../../nbs/05_serving.ipynb #93e41c6b
 def add_info_routes(app: FastAPI, # the app, after `init_state`

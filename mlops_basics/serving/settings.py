@@ -152,6 +152,7 @@ class LabelPrediction(BaseModel):
     label_id: int = Field(description="its index")
     score: float = Field(description="its probability")
     probabilities: dict[str, float] = Field(description="every label's probability; they sum to 1")
+    feedback_token: Optional[str] = Field(None, description="what `POST /feedback` needs to label this sentence (when the app signs feedback)")
 
 class PredictResponse(BaseModel):
     "The predictions of one request, in the order of its sentences."
