@@ -1,8 +1,10 @@
 """Static checks of the files CI and AWS run: workflows (actionlint, yamllint), the SAM template (cfn-lint), and agreement between the template and the deploy module;
 the KServe manifest against the Dockerfile and the app (no Kubernetes cluster runs here)."""
 
+import json
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -63,7 +65,19 @@ def test_template_and_deploy_module_agree(template):
     resources = template["Resources"]
     function = resources["Function"]["Properties"]
     assert function["ImageConfig"]["Command"] == ["lambda"]
-    assert function["Environment"]["Variables"] == DeployConfig(region="eu-west-1").environment
+    variables = dict(function["Environment"]["Variables"])
+    assert variables.pop("MLOPS_FEEDBACK_KEY_SECRET") == {"Fn::If": ["HasFeedbackKey", {"Ref": "FeedbackKeySecretArn"}, {"Ref": "AWS::NoValue"}]}
+    assert variables == DeployConfig(region="eu-west-1").environment
+    released = DeployConfig.from_env({"AWS_REGION": "eu-west-1", "MLOPS_FEEDBACK_KEY_SECRET": "arn:aws:secretsmanager:eu-west-1:1:secret:k"})
+    assert released.environment == {**variables, "MLOPS_FEEDBACK_KEY_SECRET": "arn:aws:secretsmanager:eu-west-1:1:secret:k"}  # a release keeps it
+    api, stage = resources["ApiThrottling"]["Properties"], resources["ApiThrottling"]["Properties"]["Stage"]["DefaultRouteSettings"]
+    assert api["ApiId"] == {"Ref": "HttpApi"} and stage == {
+        "ThrottlingRateLimit": {"Ref": "ThrottlingRateLimit"},
+        "ThrottlingBurstLimit": {"Ref": "ThrottlingBurstLimit"},
+    }
+    assert function["ReservedConcurrentExecutions"] == {"Ref": "ReservedConcurrency"}
+    caps = {name: params[name]["Default"] for name in ("ThrottlingRateLimit", "ThrottlingBurstLimit", "ReservedConcurrency")}
+    assert 1 <= caps["ThrottlingRateLimit"] <= caps["ThrottlingBurstLimit"] <= 100 and 1 <= caps["ReservedConcurrency"] <= 50, caps  # safe defaults
     # mlops-deploy owns the repository and moves the alias. A repository in the stack would collide with the one the
     # first push creates (the function needs an image before the stack can exist), and SAM's AutoPublishAlias would
     # move `live` back to the template's image on every `sam deploy`.
@@ -91,12 +105,50 @@ def test_deployer_policy_allows_every_call_mlops_deploy_makes(template):
     assert "iam:PassRole" in allowed  # creating the function passes its execution role
 
 
-def test_entrypoint_and_log_subscription_match_the_app(template):
-    "The template's `lambda` command is one the entrypoint knows; its log filter matches the app's prediction log lines."
+def cloudwatch_json_filter(pattern: str, line: str) -> bool:
+    "CloudWatch Logs' JSON filter syntax, the part the template uses: `{ ... }` of `$.field = / != \"value\"` terms, `&&`, `||` and parentheses."
+    # moto's filter_log_events takes any JSON pattern as a match-all (moto/logs/utils.py), so it cannot tell a pattern that drops lines.
+    body = re.fullmatch(r"\{(.*)\}", pattern.strip(), re.S)[1]
+    record = json.loads(line)
+
+    def term(m: re.Match) -> str:
+        value = record
+        for key in m[1].split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        return str((value == m[3]) == (m[2] == "="))
+
+    expr = re.sub(r"\$\.([\w.]+)\s*(!?=)\s*\"([^\"]*)\"", term, body)
+    assert re.fullmatch(r"[\s()]*(?:(?:True|False)[\s()]*(?:(?:&&|\|\|)[\s()]*)?)+", expr), f"not in the supported syntax: {pattern}"
+    return eval(expr.replace("&&", " and ").replace("||", " or "))  # only True, False, and, or, parentheses are left
+
+
+def test_log_subscription_carries_predictions_and_feedback(template, serving_dir):
+    "The subscription filter lets through the app's real `predict` and `feedback` lines and nothing else (the shipper needs both)."
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from mlops_basics.serving.app import create_app
+    from mlops_basics.serving.observability import configure_request_logging
+    from mlops_basics.serving.settings import ServeSettings
+
     assert "lambda)" in (ROOT / "docker" / "entrypoint.sh").read_text()
     pattern = template["Resources"]["PredictionLogSubscription"]["Properties"]["FilterPattern"]
-    assert pattern == '{ $.event = "predict" }'
-    assert '"predict" if request.state.log' in (ROOT / "mlops_basics" / "serving" / "app.py").read_text()
+    out = io.StringIO()
+    configure_request_logging(out)
+    try:
+        client = TestClient(create_app(ServeSettings(serving_dir=str(serving_dir))))
+        predicted = client.post("/predict", json={"sentences": ["She sang."]}).json()
+        client.post("/feedback", json={"request_id": predicted["request_id"], "index": 0, "label": "acceptable"})
+        client.get("/health")
+    finally:
+        configure_request_logging(sys.stdout)
+    lines = [l for l in out.getvalue().splitlines() if l.startswith("{")]
+    events = {json.loads(l).get("event"): l for l in lines}
+    assert {"predict", "feedback", "request"} <= set(events), events
+    carried = {event for event, line in events.items() if cloudwatch_json_filter(pattern, line)}
+    assert carried == {"predict", "feedback"}, carried
+    assert not cloudwatch_json_filter('{ $.event = "predict" }', events["feedback"])  # the evaluator can tell a pattern that drops them
 
 
 def test_deploy_workflow_refuses_an_unset_smoke_url():
