@@ -41,16 +41,18 @@ ENV PATH=/opt/venv/bin:$PATH \
     MLOPS_SERVING_DIR=/opt/mlops/serving \
     PORT=8080 \
     WORKERS=1
-# The wheel and the constraints are bind-mounted for this one step, so no layer keeps them. Every version comes from
-# constraints.txt, which pins all that the serve and lambda extras need; pip's own cache is off.
-# hadolint ignore=DL3013
+# The wheel and the lock are bind-mounted for this one step, so no layer keeps them. The dependencies come from
+# docker/serve.lock, each by version and sha256 (`make lock` writes it from constraints.txt; CI checks it is current);
+# the wheel itself then goes in without dependencies, and `pip check` proves the lock held all it needs. pip's cache is off.
 RUN --mount=type=secret,id=ca_bundle,required=false \
     --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
-    --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
+    --mount=type=bind,source=docker/serve.lock,target=/tmp/serve.lock \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
     set -- /tmp/dist/mlops_basics-*.whl \
     && python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -c /tmp/constraints.txt "$1[serve,lambda]" \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps -r /tmp/serve.lock \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps "$1" \
+    && /opt/venv/bin/pip check \
     && groupadd --gid 10001 mlops \
     && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mlops
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/mlops-entrypoint

@@ -14,7 +14,7 @@ ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
 export MLOPS_COLA_PATH ?= $(SHARED_COLA)
 endif
 
-.PHONY: help install install-dev lint lint-fix prefect-venv mlserver system-packages run test test-fast export pages bench lab clean
+.PHONY: help install install-dev lock lint lint-fix prefect-venv mlserver system-packages run test test-fast export pages bench lab clean
 
 help:
 	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate, behavioural tests (what is out of date)"
@@ -71,6 +71,12 @@ $(MLSERVER_VENV)/.installed: setup.py settings.ini constraints-mlserver.txt
 	$(MLSERVER_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	$(MLSERVER_VENV)/bin/python -m pip install -q -c constraints-mlserver.txt -e ".[serve,mlserver]"
 	touch $@
+
+# The serving image's dependencies, each by version and sha256 (the Dockerfile installs them with --require-hashes):
+# the serve and lambda extras under constraints.txt, for the image's Python and platform. CI (.ci/run) checks it is current.
+lock: $(VENV)/.installed-dev
+	$(BIN)/uv pip compile setup.py --extra serve --extra lambda --constraint constraints.txt --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet --output-file docker/serve.lock
 
 # The whole pipeline (data -> train -> export -> evaluate -> behaviour), only what is out of date; see dvc.yaml.
 run: install

@@ -56,6 +56,30 @@ def test_build_context_holds_only_what_the_image_needs(serving_dir, tmp_path):
         make_build_context(tmp_path / "nothing", tmp_path / "other")
 
 
+def lock_pins() -> dict[str, str]:
+    "docker/serve.lock's pins, by PEP 503 name; each must carry at least one sha256."
+    text = (ROOT / "docker" / "serve.lock").read_text()
+    blocks = re.findall(r"^([A-Za-z0-9._-]+)==(\S+) \\\n((?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", text, re.M)
+    assert len(blocks) == len(re.findall(r"^[A-Za-z0-9]", text, re.M)), "a requirement in docker/serve.lock without its hashes"
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version, _ in blocks}
+
+
+def test_the_image_installs_its_dependencies_by_hash():
+    "The serving image's dependencies come from docker/serve.lock with --require-hashes; the lock pins what constraints.txt pins (`make lock`, checked in .ci/run)."
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "--mount=type=bind,source=docker/serve.lock,target=/tmp/serve.lock" in dockerfile
+    assert "pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps -r /tmp/serve.lock" in dockerfile
+    assert '--no-deps "$1"' in dockerfile and "pip check" in dockerfile and "-c /tmp/constraints.txt" not in dockerfile
+    assert "docker/serve.lock" in CONTEXT_FILES and "!docker/serve.lock" in (ROOT / ".dockerignore").read_text()
+    pins, constraints = lock_pins(), {}
+    for line in (ROOT / "constraints.txt").read_text().split():
+        if "==" in line:
+            name, version = line.split("==")
+            constraints[re.sub(r"[-_.]+", "-", name).lower()] = version
+    assert {"onnxruntime", "fastapi", "uvicorn", "mangum", "awslambdaric", "boto3"} <= set(pins) and not HEAVY & set(pins), sorted(pins)
+    assert {n: v for n, v in pins.items() if constraints.get(n) != v} == {}  # every pin is constraints.txt's
+
+
 # --- the image -------------------------------------------------------------------------------------------------------------
 
 
@@ -133,8 +157,8 @@ def test_no_torch_in_the_image(image):
     normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # PEP 503 names
     versions = {normal(p["name"]): p["version"] for p in json.loads(listed)}
     assert not HEAVY & set(versions) and SERVING <= set(versions), sorted(versions)
-    pins = {normal(k): v for k, v in (line.split("==") for line in (ROOT / "constraints.txt").read_text().split() if "==" in line)}
-    assert all(versions[name] == pins[name] for name in SERVING - {"mlops-basics"} if name in pins), versions
+    pins = lock_pins()  # installed from the hashed lock
+    assert all(versions[name] == pins[name] for name in SERVING - {"mlops-basics"}), versions
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ def ensure_base_image(image: str = BASE_IMAGE, # the local image to make
 CA_BUNDLE = Path(os.environ.get("MLOPS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"))
 # What the Dockerfile reads from its context (see .dockerignore); the serving directory goes to artifacts/serving.
 CONTEXT_FILES = ("Dockerfile", ".dockerignore", "setup.py", "settings.ini", "README.md", "LICENSE", "constraints.txt", "mlops_basics",
-                 "docker/entrypoint.sh")
+                 "docker/entrypoint.sh", "docker/serve.lock")
 IMAGE_USER = "mlops"
 
 def project_root(start: str | Path | None = None, # where to look from; None: the working directory, then this package's checkout
