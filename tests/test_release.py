@@ -1,6 +1,7 @@
 """The release workflow from outside: its build and check steps on a clean copy, the tag check, nbdev's version bump, and trusted publishing."""
 
 import configparser
+import re
 import shutil
 import subprocess
 import zipfile
@@ -56,3 +57,30 @@ def test_publishing_is_trusted_publishing_with_attestations():
     assert workflow_job("release.yml", "build").get("permissions") is None  # the build job gets the workflow's read-only token
     text = (ROOT / ".github" / "workflows" / "release.yml").read_text()
     assert "secrets." not in text and "password" not in text
+
+
+def test_the_sbom_step_describes_the_serve_environment_next_to_the_wheel(release_build):
+    "The SBOM step on the built wheel: a CycloneDX document named after the wheel, listing the [serve] environment at constraints.txt's versions."
+    import json
+    import os
+
+    serve = release_build.parent / "serve" / "bin"
+    serve.mkdir(parents=True, exist_ok=True)
+    (serve / "python").write_text(f'#!/bin/sh\nexec "{BIN / "python"}" "$@"\n')  # .venv stands in for the fresh [serve] environment
+    (serve / "python").chmod(0o755)
+    proc = run_workflow_step(
+        workflow_step("release.yml", "build", "SBOM of the [serve] environment"),
+        release_build,
+        {"RUNNER_TEMP": str(release_build.parent), "PATH": f"{BIN}:{os.environ['PATH']}"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [sbom] = (release_build / "sbom").iterdir()
+    assert sbom.name == f"mlops_basics-{version()}-py3-none-any.serve.cdx.json"
+    document = json.loads(sbom.read_text())
+    assert document["bomFormat"] == "CycloneDX" and document["specVersion"].startswith("1.")
+    normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # PEP 503 names
+    components = {normal(c["name"]): c["version"] for c in document["components"]}
+    pins = {normal(k): v for k, v in (line.split("==") for line in (ROOT / "constraints.txt").read_text().split() if "==" in line)}
+    for name in ("onnxruntime", "fastapi", "uvicorn", "tokenizers", "prometheus-client"):
+        assert components[name] == pins[name], name
