@@ -208,6 +208,7 @@ def test_signed_feedback_across_two_workers(serving_dir, tmp_path, monkeypatch):
     from mlops_basics.devtools.test_utils import serve
 
     monkeypatch.setenv("MLOPS_FEEDBACK_KEY", KEY)
+    monkeypatch.setenv("MLOPS_FEEDBACK_BURST", "100")  # each worker has its own rate limit: none of these 13 calls may meet it
     log = tmp_path / "stdout.log"
     with serve("--serving-dir", serving_dir, "--workers", "2", log=log) as url:
         answers = []
@@ -239,3 +240,39 @@ def test_signed_feedback_through_the_lambda_handler_after_a_cold_start(serving_d
         assert lambda_handler.handler({**good, "token": None}, None)["statusCode"] == 403
     finally:
         lambda_handler._runtime.clear()
+
+
+def test_without_a_key_the_app_says_so_and_answers_as_before(serving_dir, monkeypatch, caplog):
+    from mlops_basics.serving.app import create_app
+    from mlops_basics.serving.settings import ServeSettings
+
+    for name in ("MLOPS_FEEDBACK_KEY", "MLOPS_FEEDBACK_KEY_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level("WARNING", logger="mlops_basics.serving.feedback"):
+        client = TestClient(create_app(ServeSettings(serving_dir=str(serving_dir))))
+    assert "no MLOPS_FEEDBACK_KEY" in caplog.text
+    predicted = client.post("/predict", json={"sentences": ["She sang."]}).json()
+    assert "feedback_token" not in predicted["predictions"][0]
+    assert client.post("/feedback", json={"request_id": predicted["request_id"], "index": 0, "label": "acceptable"}).status_code == 202
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mlops_basics.serving.feedback"):
+        signed_app(serving_dir, monkeypatch)
+    assert "no MLOPS_FEEDBACK_KEY" not in caplog.text
+
+
+def test_the_key_from_aws_secrets_manager(monkeypatch):
+    "MLOPS_FEEDBACK_KEY_SECRET names the secret (the template's FeedbackKeySecretArn); its value holds the keys, newest first."
+    import boto3
+    from moto import mock_aws
+
+    from mlops_basics.devtools.test_utils import AWS_TEST_CREDENTIALS
+    from mlops_basics.serving.feedback import FeedbackSigner, feedback_signer
+
+    for name, value in AWS_TEST_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MLOPS_FEEDBACK_KEY", raising=False)
+    with mock_aws():
+        arn = boto3.client("secretsmanager").create_secret(Name="mlops-feedback-key", SecretString=f"{'n' * 32} {KEY}")["ARN"]
+        signer = feedback_signer({"MLOPS_FEEDBACK_KEY_SECRET": arn})
+    old = FeedbackSigner([KEY.encode()]).issue("sm-1", 0, "main", "v1", "acceptable", "She sang.")
+    assert signer.check(old, "sm-1", 0)[0] == "" and signer.keys[0] == b"n" * 32
