@@ -23,7 +23,7 @@ help:
 	@echo "make lint       the pre-commit hooks on every file (what .ci/run checks): nbdev_clean, ruff, yamllint, actionlint"
 	@echo "make lint-fix   ruff's fixes on the notebooks (then nbdev_export), ruff's fixes and format on tests, tools and benchmarks"
 	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
-	@echo "make pages      run the pages on the real model (after make run) and keep their outputs; PAGES=\"05_serving.ipynb ...\" for some, SLOW=1 to rebuild images too"
+	@echo "make pages      run the pages on the real model (after make run) and keep their outputs; PAGES=\"05_serving.ipynb ...\" for some, SLOW=1 to rebuild images too, TIME_ONLY=1 to time them and write nothing"
 	@echo "make bench      re-run every serving benchmark on artifacts/ (after make run; podman, wrk, an idle machine), results in benchmarks/results/"
 	@echo "make lab        JupyterLab on the notebooks, with what every page needs (Debian packages when root, .venv-prefect's kernel)"
 	@echo "make prefect-venv  .venv-prefect: Prefect 3 and the [orchestration] extra, beside .venv (their pins clash)"
@@ -118,7 +118,7 @@ lint-fix: install-dev
 # Week 12a starts MLServer from .venv-mlserver: each built when all pages are asked for, or a page that needs it.
 pages: install-dev $(if $(PAGES),$(if $(filter 13% 98b%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver),prefect-venv mlserver)
 	cd nbs && HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false ../$(BIN)/python -c \
-	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow)
+	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow) $(if $(TIME_ONLY),--time-only)
 	$(BIN)/nbdev_clean
 	$(BIN)/python tools/sync_readme.py
 
