@@ -50,7 +50,7 @@ def test_wheel_ships_the_hydra_configs_and_entry_points(wheel):
 def test_the_build_does_not_warn_about_the_config_folders(wheel):
     "The Hydra configs' folders are listed packages: setuptools builds (and `make run` installs) without its data-folder warnings."
     log = (wheel.parent / "build.log").read_text()
-    assert "copying mlops_basics/conf/trainer/ddp_cpu.yaml" in log  # the verbose build log, with the configs in it
+    assert "adding 'mlops_basics/conf/trainer/ddp_cpu.yaml'" in log  # the verbose build log, with the configs in it
     assert "is absent from the `packages` configuration" not in log and "Package would be ignored" not in log
 
 
