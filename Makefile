@@ -23,9 +23,9 @@ help:
 	@echo "make lint       the pre-commit hooks on every file (what .ci/run checks): nbdev_clean, ruff, yamllint, actionlint"
 	@echo "make lint-fix   ruff's fixes on the notebooks (then nbdev_export), ruff's fixes and format on tests, tools and benchmarks"
 	@echo "make export     nbdev_export + nbdev_clean + README from nbs/index.ipynb"
-	@echo "make pages      run the pages on the real model (after make run) and keep their outputs; PAGES=\"05_serving.ipynb ...\" for some, SLOW=1 to rebuild images too"
+	@echo "make pages      run the pages on the real model (after make run) and keep their outputs; PAGES=\"05_serving.ipynb ...\" for some, SLOW=1 to rebuild images too, TIME_ONLY=1 to time them and write nothing"
 	@echo "make bench      re-run every serving benchmark on artifacts/ (after make run; podman, wrk, an idle machine), results in benchmarks/results/"
-	@echo "make lab        JupyterLab on the notebooks"
+	@echo "make lab        JupyterLab on the notebooks, with what every page needs (Debian packages when root, .venv-prefect's kernel)"
 	@echo "make prefect-venv  .venv-prefect: Prefect 3 and the [orchestration] extra, beside .venv (their pins clash)"
 	@echo "make mlserver   Seldon's MLServer with the project's runtime, in its own environment (.venv-mlserver)"
 
@@ -52,14 +52,20 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 # a virtual environment of its own, with every other version as constraints.txt has it. Its flows run the project's
 # tools (dvc, mlops-*) from .venv; nbdev runs the orchestration page there (tests/test_notebooks.py), with moto for its rehearsal.
 PREFECT_VENV ?= .venv-prefect
-prefect-venv: $(PREFECT_VENV)/.installed
+PREFECT_KERNEL := $(VENV)/share/jupyter/kernels/mlops-prefect/kernel.json
+prefect-venv: $(PREFECT_VENV)/.installed $(PREFECT_KERNEL)
 
 $(PREFECT_VENV)/.installed: setup.py settings.ini constraints.txt
 	test -x $(PREFECT_VENV)/bin/python || $(PYTHON) -m venv $(PREFECT_VENV)
 	$(PREFECT_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	grep -vE '^(fastapi|websockets)==' constraints.txt > $(PREFECT_VENV)/constraints.txt
-	$(PREFECT_VENV)/bin/python -m pip install -q -c $(PREFECT_VENV)/constraints.txt -e ".[orchestration]" nbdev==2.4.14 pytest "moto[server]"
+	$(PREFECT_VENV)/bin/python -m pip install -q -c $(PREFECT_VENV)/constraints.txt -e ".[orchestration]" nbdev==2.4.14 ipykernel pytest "moto[server]"
 	touch $@
+
+# Its Jupyter kernel, registered in .venv (where JupyterLab and the tests' kernel runner look): the pages that use Prefect
+# (13*, 98b) name it in their metadata, so JupyterLab and the tests run them in .venv-prefect.
+$(PREFECT_KERNEL): $(PREFECT_VENV)/.installed | $(VENV)/.installed
+	$(PREFECT_VENV)/bin/python -m ipykernel install --prefix $(abspath $(VENV)) --name mlops-prefect --display-name "Python 3 (.venv-prefect, Prefect)" >/dev/null
 
 # MLServer pins an older FastAPI and protobuf than the project (fastapi<0.116, protobuf<7): its own environment, with its own
 # verified versions (constraints-mlserver.txt); tests/test_protocol.py and benchmarks/protocol_benchmark.py make it when missing.
@@ -82,10 +88,10 @@ lock: $(VENV)/.installed-dev
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-# Debian packages the tests use (podman, runc, debootstrap, wrk, chromium, ...): installed when missing if we are root;
-# otherwise run `sudo .ci/system-packages` once.
+# Debian packages the tests and pages use (podman, runc, debootstrap, wrk, chromium, graphviz, ...): installed when missing
+# if we are root; otherwise listed, to install with `sudo .ci/system-packages` once.
 system-packages:
-	@if [ "$$(id -u)" = 0 ]; then .ci/system-packages; else echo "not root: run 'sudo .ci/system-packages' if podman, wrk, ... are missing"; fi
+	@if [ "$$(id -u)" = 0 ]; then .ci/system-packages; else .ci/system-packages --check; fi
 
 # SYSTEM_PACKAGES= (empty) skips that step: .ci/run installs the Debian packages once, before everything else.
 SYSTEM_PACKAGES ?= system-packages
@@ -114,10 +120,11 @@ lint-fix: install-dev
 	$(BIN)/nbdev_clean
 
 # The pages show the real model: run them after `make run` (it leaves artifacts/ and reports/), then commit nbs/.
-# The orchestration pages (13*) run in .venv-prefect, and Week 12a starts MLServer from .venv-mlserver: each built when all pages are asked for, or a page that needs it.
-pages: install-dev $(if $(PAGES),$(if $(filter 13%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver),prefect-venv mlserver)
+# Each page runs in the Jupyter kernel its metadata names, as in JupyterLab: the Prefect pages (13*, 98b) in .venv-prefect's, and
+# Week 12a starts MLServer from .venv-mlserver: each built when all pages are asked for, or a page that needs it.
+pages: install-dev $(if $(PAGES),$(if $(filter 13% 98b%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver),prefect-venv mlserver)
 	cd nbs && HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false ../$(BIN)/python -c \
-	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow)
+	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow) $(if $(TIME_ONLY),--time-only)
 	$(BIN)/nbdev_clean
 	$(BIN)/python tools/sync_readme.py
 
@@ -145,7 +152,8 @@ bench: install-dev mlserver $(SEED_43) $(SYSTEM_PACKAGES)
 	$(BIN)/python benchmarks/behaviour_benchmark.py --serving-dir artifacts/serving
 	$(BIN)/python benchmarks/backbone_benchmark.py --served "all-mpnet-base-v2, 1.4 epochs=artifacts/serving" "all-mpnet-base-v2, 1.4 epochs=$(SEED_43)"
 
-lab: install-dev
+# Every page runs there: the Debian packages they use (as for `make test`), and .venv-prefect's kernel for the Prefect pages.
+lab: install-dev prefect-venv $(SYSTEM_PACKAGES)
 	$(BIN)/jupyter lab nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean:

@@ -12,9 +12,9 @@ cfg = config["DEFAULT"]
 for key in "lib_name version description user author author_email license min_python".split():
     if key not in cfg: raise KeyError(f"settings.ini is missing the required key {key!r}")
 
-licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
+licenses = {"apache2": "Apache-2.0"}  # settings.ini's name -> the SPDX expression setuptools wants (license classifiers are deprecated)
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
-lic = licenses.get(cfg["license"].lower(), (cfg["license"], None))
+lic = licenses.get(cfg["license"].lower(), cfg["license"])
 
 def requirements(key):
     "The space-separated requirement list `key` of settings.ini."
@@ -33,7 +33,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     author=cfg["author"],
     author_email=cfg["author_email"],
-    license=lic[0],
+    license_expression=lic,
     keywords=cfg.get("keywords", ""),
     url=cfg["git_url"],
     classifiers=[
@@ -42,8 +42,9 @@ setuptools.setup(
         "Natural Language :: " + cfg["language"].title(),
         "Programming Language :: Python :: 3 :: Only",
         "Programming Language :: Python :: " + cfg["min_python"],
-    ] + ([f"License :: {lic[1]}"] if lic[1] else []),
-    packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),
+    ],
+    # The Hydra configs' folders (conf/, conf/model/, ...) hold only YAML: namespace packages, listed as setuptools asks of data folders
+    packages=setuptools.find_namespace_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"], exclude=["*.__pycache__"]),
     package_data={cfg["lib_name"]: requirements("package_data")},
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],

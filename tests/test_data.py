@@ -1,13 +1,17 @@
 """The CoLA loader from outside: real HTTP downloads from a local server, the shared copy, and bad data."""
 
 import http.server
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from functools import partial
 
 import pytest
 
-from mlops_basics.core.data import COLA_ENV_VAR, COLA_ZIP_SHA256, ColaDataError, download_cola, load_cola, read_cola_files, sha256_file
+from mlops_basics.core.data import CACHE_ENV_VAR, COLA_ENV_VAR, COLA_ZIP_SHA256, ColaDataError, download_cola, load_cola, read_cola_files, sha256_file
 
 
 @pytest.fixture()
@@ -52,6 +56,24 @@ def test_unreachable_server_says_how_to_work_offline(tmp_path):
 def test_env_var_points_at_local_copy(cola_path, monkeypatch):
     monkeypatch.setenv(COLA_ENV_VAR, str(cola_path))
     assert load_cola().source == str(cola_path)
+
+
+@pytest.mark.parametrize("form", ["zip", "raw"])
+def test_a_copy_from_the_env_var_is_found_by_later_shells_without_it(form, cola_zip, cola_raw, tmp_path):
+    "A run with $MLOPS_COLA_PATH caches the verified copy; a later process without the variable (and offline) reads it from there."
+    copy = tmp_path / ("cola_public_1.1.zip" if form == "zip" else "raw")
+    if form == "zip":
+        shutil.copy(cola_zip, copy)
+    else:
+        shutil.copytree(cola_raw, copy, ignore=shutil.ignore_patterns("*.zip"))  # raw TSVs only
+    env = {k: v for k, v in os.environ.items() if k != COLA_ENV_VAR} | {CACHE_ENV_VAR: str(tmp_path / "cache")}
+    read = [sys.executable, "-c", "from mlops_basics.core.data import load_cola; s = load_cola(); print(len(s.train), s.source)"]
+    first = subprocess.run(read, env={**env, COLA_ENV_VAR: str(copy)}, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.rmtree(copy) if copy.is_dir() else copy.unlink()  # the later shell has only the cache
+    later = subprocess.run(read, env={**env, "https_proxy": "http://127.0.0.1:9"}, capture_output=True, text=True, timeout=120)
+    assert later.returncode == 0, later.stderr[-2000:]
+    assert later.stdout.split()[0] == "8551" and later.stdout.split()[1].startswith(str(tmp_path / "cache"))
 
 
 def test_zip_and_directory_give_the_same_splits(cola_raw, cola_zip):

@@ -1,19 +1,21 @@
-"""Every notebook runs top to bottom under nbdev_test (its examples are its tests); slow cells run in slow tests."""
+"""Every notebook runs top to bottom in a Jupyter kernel, as in JupyterLab (its examples are its tests); slow cells run in slow tests."""
 
 import ast
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import fastcore.test
 import pytest
 from fastcore.basics import AttrDict
 from IPython.core.inputtransformer2 import TransformerManager
+from nbclient.exceptions import CellExecutionError
 from nbdev.process import extract_directives
 
 from conftest import ROOT
-from mlops_basics.devtools.test_utils import BIN
+from mlops_basics.devtools.pages import run_page
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colours of a kernel's traceback
 
 NOTEBOOKS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith("_"))
 
@@ -23,38 +25,36 @@ def has_flag(notebook: Path, flag: str) -> bool:
     return any(cell["cell_type"] == "code" and any(line.strip() == f"#| {flag}" for line in "".join(cell["source"]).splitlines()) for cell in cells)
 
 
-# Pages whose framework cannot share .venv (its pins clash with constraints.txt) run in their own environment.
-OWN_VENV = {
-    "13_orchestration": "prefect_python",
-    "13a_prefect_server": "prefect_python",
-    "13b_workers": "prefect_python",
-    "13c_closing_the_loop": "prefect_python",
-}
+# Pages whose framework cannot share .venv (its pins clash with constraints.txt) name the kernel of their own environment in
+# their metadata: its fixture makes the environment and registers the kernel before they run.
+KERNEL_FIXTURES = {"mlops-prefect": "prefect_python"}
 
 
-def nbdev_test(notebook: Path, *flags: str, bin_dir: Path = BIN):
-    proc = subprocess.run(
-        [str(bin_dir / "nbdev_test"), "--path", str(notebook), "--n_workers", "0", *(["--flags", " ".join(flags)] if flags else [])],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert proc.returncode == 0, f"{notebook.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+def kernel_of(notebook: Path) -> str:
+    "The Jupyter kernel the notebook's metadata names (what JupyterLab starts for it)."
+    return json.loads(notebook.read_text())["metadata"].get("kernelspec", {}).get("name", "python3")
+
+
+def run_in_kernel(notebook: Path, request, *flags: str):
+    "Run the page as JupyterLab does (a Jupyter kernel, its event loop), picking its cells as nbdev_test does, with IN_TEST set."
+    if kernel_of(notebook) in KERNEL_FIXTURES:
+        request.getfixturevalue(KERNEL_FIXTURES[kernel_of(notebook)])
+    try:
+        run_page(notebook, flags)
+    except CellExecutionError as e:
+        error = ANSI.sub("", str(e))[-8000:]
+    else:
+        return
+    pytest.fail(f"{notebook.name} failed in its kernel ({kernel_of(notebook)}):\n{error}", pytrace=False)
 
 
 # Pages whose slow cells start a program from another environment: that environment is made before they run.
 SLOW_NEEDS = {"12a_mlserver": "mlserver_bin"}
 
 
-def bin_dir_for(notebook: Path, request) -> Path:
-    "The bin directory of the environment the page runs in: .venv's, or the one its fixture in OWN_VENV makes."
-    return request.getfixturevalue(OWN_VENV[notebook.stem]).parent if notebook.stem in OWN_VENV else BIN
-
-
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook(notebook, request):
-    nbdev_test(notebook, bin_dir=bin_dir_for(notebook, request))
+    run_in_kernel(notebook, request)
 
 
 @pytest.mark.slow
@@ -62,7 +62,28 @@ def test_notebook(notebook, request):
 def test_notebook_slow_cells(notebook, request):
     if notebook.stem in SLOW_NEEDS:
         request.getfixturevalue(SLOW_NEEDS[notebook.stem])
-    nbdev_test(notebook, "slow", bin_dir=bin_dir_for(notebook, request))
+    run_in_kernel(notebook, request, "slow")
+
+
+def imports_of(source: str) -> set[str]:
+    "The modules a cell imports, at any depth, and the module it exports to (`#| default_exp`)."
+    found = set(re.findall(r"^\s*(?:from|import) ([\w.]+)", source, re.M))
+    return found | {f"mlops_basics.{m}" for m in re.findall(r"^#\| default_exp ([\w.]+)", source, re.M)}
+
+
+PREFECT_MODULES = {"prefect"} | {  # the project's modules that import Prefect
+    ".".join(p.relative_to(ROOT).with_suffix("").parts)
+    for p in (ROOT / "mlops_basics").rglob("*.py")
+    if "prefect" in {m.split(".")[0] for m in imports_of(p.read_text())}
+}
+
+
+def test_pages_that_use_prefect_name_its_kernel():
+    "A page that uses Prefect (directly, or a module of the project that does) names .venv-prefect's kernel, so JupyterLab and the tests start it there."
+    for notebook in NOTEBOOKS:
+        modules = set().union(*(imports_of("".join(c["source"])) for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"))
+        uses_prefect = any(m.split(".")[0] == "prefect" or m in PREFECT_MODULES for m in modules)
+        assert (kernel_of(notebook) == "mlops-prefect") == uses_prefect, f"{notebook.name}: kernel {kernel_of(notebook)}"
 
 
 def test_notebooks_are_clean_tutorial_pages():
@@ -88,6 +109,11 @@ SET_UP = re.compile(
 TEMP_DIR = re.compile(r"tempfile\.\w+")
 PROGRESS_BAR = re.compile(r"\|[█▏▎▍▌▋▊▉ ]*█|\bit/s\]|s/it\]")
 MODEL_SUMMARY = re.compile(r"Total params|\|\s*Name\s*\|\s*Type\s*\|")
+
+
+def parse(source: str) -> ast.Module:
+    "A cell's Python as a tree; top-level `await` allowed, as in a Jupyter kernel."
+    return compile(source, "<cell>", "exec", ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
 
 
 def code_cells(notebook: Path) -> list[tuple[int, dict, dict]]:
@@ -157,7 +183,7 @@ def visibility_violations(notebook: Path) -> list[str]:
     "Every statement of a visible code cell that belongs in a `#| hide` cell, as `page cell N: why: statement`."
     to_python = TransformerManager().transform_cell  # IPython's magics and shell escapes as Python
     cells = [(i, shows_code(d), to_python(c.source)) for i, d, c in code_cells(notebook)]
-    trees = [(i, visible, source, ast.parse(source)) for i, visible, source in cells]
+    trees = [(i, visible, source, parse(source)) for i, visible, source in cells]
     found = []
     for n, (i, visible, source, tree) in enumerate(trees):
         if not visible:
@@ -198,7 +224,7 @@ def mixed_import_cells(notebook: Path) -> list[str]:
     for i, directives, cell in code_cells(notebook):
         if directives.keys() & {"export", "exports", "exporti", "exec_doc"} or directives.get("eval:") == ["false"]:
             continue  # run by the pre-processing on purpose, or never run
-        nodes = list(ast.walk(ast.parse(to_python(cell.source))))
+        nodes = list(ast.walk(parse(to_python(cell.source))))
         if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in nodes) and any(isinstance(n, (ast.Expr, ast.Assign)) for n in nodes):
             found.append(f"{notebook.stem} cell {i}: {cell.source.splitlines()[0]}")
     return found
@@ -212,7 +238,7 @@ def test_imports_stand_in_cells_of_their_own():
 def names_of(source: str) -> tuple[set[str], set[str]]:
     "(names a cell binds anywhere in it, names it reads) of a code cell's Python."
     binds, reads = set(), set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(parse(source)):
         if isinstance(node, ast.Name):
             (reads if isinstance(node.ctx, ast.Load) else binds).add(node.id)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -225,7 +251,7 @@ def names_of(source: str) -> tuple[set[str], set[str]]:
 
 
 def needs_slow_cells(notebook: Path) -> list[str]:
-    "Cells that run without the `slow` flag but read a name only `#| slow` cells bind: the page would fail under plain nbdev_test."
+    "Cells that run without the `slow` flag but read a name only `#| slow` cells bind: the page would fail in a plain run."
     to_python = TransformerManager().transform_cell
     cells = [("slow" in d, *names_of(to_python(c.source)), i) for i, d, c in code_cells(notebook)]
     slow_only = set().union(*(b for slow, b, _, _ in cells if slow)) - set().union(*(b for slow, b, _, _ in cells if not slow))

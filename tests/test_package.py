@@ -19,7 +19,11 @@ from mlops_basics.devtools.test_utils import BIN, free_port, run_cli
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)], check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(out), str(ROOT)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out / "build.log").write_text(proc.stdout + proc.stderr)  # what setuptools said while building it
     return next(out.glob("mlops_basics-*.whl"))
 
 
@@ -41,6 +45,13 @@ def test_wheel_ships_the_hydra_configs_and_entry_points(wheel):
     assert not [r for r in requires if "extra ==" not in r and "torch" in r], "torch must not be a core requirement"
     serve = [r for r in requires if 'extra == "serve"' in r]
     assert serve and not [r for r in serve if any(h in r for h in ("torch", "transformers", "lightning"))]
+
+
+def test_the_build_does_not_warn_about_the_config_folders(wheel):
+    "The Hydra configs' folders are listed packages: setuptools builds (and `make run` installs) without its data-folder warnings."
+    log = (wheel.parent / "build.log").read_text()
+    assert "adding 'mlops_basics/conf/trainer/ddp_cpu.yaml'" in log  # the verbose build log, with the configs in it
+    assert "is absent from the `packages` configuration" not in log and "Package would be ignored" not in log
 
 
 def test_settings_follow_the_nbdev_2_line():

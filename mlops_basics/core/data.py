@@ -5,6 +5,7 @@
 # %% ../../nbs/00a_data.ipynb #b03a0488
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -21,9 +22,9 @@ from .artifacts import atomic_file
 
 # %% auto #0
 __all__ = ['COLA_URL', 'COLA_ZIP_SHA256', 'COLA_ENV_VAR', 'CACHE_ENV_VAR', 'COLA_FILES', 'TRAIN_FILES', 'VALIDATION_FILES',
-           'LABELS', 'ColaDataError', 'sha256_bytes', 'sha256_file', 'verify_sha256', 'default_cache_dir',
-           'download_cola', 'ColaExample', 'parse_cola_tsv', 'locate_cola', 'read_cola_files', 'ColaSplits',
-           'fingerprint_files', 'load_cola', 'label_balance']
+           'LABELS', 'CACHED_RAW', 'ColaDataError', 'sha256_bytes', 'sha256_file', 'verify_sha256', 'default_cache_dir',
+           'download_cola', 'ColaExample', 'parse_cola_tsv', 'locate_cola', 'read_cola_files', 'cache_cola',
+           'ColaSplits', 'fingerprint_files', 'load_cola', 'label_balance']
 
 # %% ../../nbs/00a_data.ipynb #33983ae6
 COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
@@ -127,13 +128,16 @@ def parse_cola_tsv(text: str, # content of one raw CoLA TSV file
 def locate_cola(source: str | Path | None = None, # a local zip or directory; `None` uses `$MLOPS_COLA_PATH` or downloads
                 **download_kwargs, # passed to `download_cola` when downloading
                ) -> Path:
-    "Path of the CoLA release to read: `source`, else `$MLOPS_COLA_PATH`, else the downloaded zip."
-    source = source or os.environ.get(COLA_ENV_VAR)
-    if not source: return download_cola(**download_kwargs)
+    "Path of the CoLA release to read: `source`, else `$MLOPS_COLA_PATH` (then cached), else the cached or downloaded copy."
+    if not (source := source or os.environ.get(COLA_ENV_VAR)):
+        raw = Path(download_kwargs.get("cache_dir") or default_cache_dir())/CACHED_RAW  # left by `cache_cola`
+        return raw if all((raw/n).is_file() for n in COLA_FILES) else download_cola(**download_kwargs)
     path = Path(source).expanduser()
     if not path.exists():
         raise ColaDataError(f"CoLA data not found at {path}: expected cola_public_1.1.zip or a directory with "
                             f"{', '.join(COLA_FILES)} (set by the data config or {COLA_ENV_VAR})")
+    if str(source) == os.environ.get(COLA_ENV_VAR):  # kept for later shells without the variable
+        with contextlib.suppress(OSError, ColaDataError): cache_cola(path)  # a read-only cache, or data that is not the release
     return path
 
 # %% ../../nbs/00a_data.ipynb #90223597
@@ -165,6 +169,25 @@ def read_cola_files(path: str | Path, # a CoLA release zip, or a directory of it
     if verify:
         for name, data in files.items(): verify_sha256(data, COLA_FILES[name], f"{path}: {name}")
     return files
+
+# %% ../../nbs/00a_data.ipynb #2c1382c6
+CACHED_RAW = Path("cola_public")/"raw"  # where the cache keeps raw files, as the release zip does
+
+def cache_cola(path: str | Path, # a local copy: the release zip, or a directory of its raw files (and perhaps the zip)
+               cache_dir: str | Path | None = None, # defaults to `default_cache_dir()`
+              ) -> Path:
+    "Keep a verified copy of a local CoLA release where `locate_cola` looks without `$MLOPS_COLA_PATH`; return it."
+    path, cache_dir = Path(path), Path(cache_dir or default_cache_dir())
+    zipped, target = (path if path.is_file() else path/Path(COLA_URL).name), cache_dir/Path(COLA_URL).name
+    if zipped.is_file() and sha256_file(zipped) == COLA_ZIP_SHA256:  # the release itself: `download_cola` finds it
+        if not (target.is_file() and sha256_file(target) == COLA_ZIP_SHA256):
+            with atomic_file(target) as staging: shutil.copyfile(zipped, staging)
+        return target
+    raw = cache_dir/CACHED_RAW
+    for name, data in read_cola_files(path).items():  # checked against the official sha256, or ColaDataError
+        if not ((raw/name).is_file() and sha256_file(raw/name) == COLA_FILES[name]):
+            with atomic_file(raw/name) as staging: staging.write_bytes(data)
+    return raw
 
 # %% ../../nbs/00a_data.ipynb #a0adb888
 @dataclass

@@ -40,6 +40,6 @@ def main(request: dict) -> object:
 
 # %% ../../nbs/98b_orchestration_driver.ipynb #c0d04aaa
 #| eval: false
-if __name__ == "__main__":
+if __name__ == "__main__" and "ipykernel" not in sys.modules:  # a Jupyter kernel runs as __main__ too, with its own argv
     answer = main(json.loads(sys.argv[1]))
     if answer is not None: print(json.dumps(answer, default=str))

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 # %% auto #0
-__all__ = ['PAGES_ENV', 'STYLE', 'SKIP_FLAGS', 'NEVER_RUN', 'OWN_VENV', 'building_pages', 'showing_the_pipeline_run',
-           'project_file', 'page_model_dir', 'page_serving_dir', 'Diagram', 'flow', 'dvc_stage_graph', 'clean_text',
-           'clean_outputs', 'build_page', 'main', 'read_csv_columns', 'plot_history', 'plot_confusion']
+__all__ = ['PAGES_ENV', 'STYLE', 'SKIP_FLAGS', 'KERNELS', 'building_pages', 'showing_the_pipeline_run', 'project_file',
+           'page_model_dir', 'page_serving_dir', 'Diagram', 'flow', 'dvc_stage_graph', 'clean_text', 'clean_outputs',
+           'runs', 'run_page', 'build_page', 'main', 'read_csv_columns', 'plot_history', 'plot_confusion']
 
 # %% ../../nbs/99_pages.ipynb #605e5818
 def building_pages() -> bool:
@@ -71,7 +71,9 @@ class Diagram:
         proc = subprocess.run(["dot", "-Tsvg"], input=self.source, capture_output=True, text=True, timeout=60)
         if proc.returncode: raise ValueError(f"dot could not draw the diagram: {proc.stderr.strip()}")
         return proc.stdout[proc.stdout.index("<svg"):]
-    def _repr_svg_(self) -> str: return self.svg()
+    def _repr_svg_(self) -> str | None: return self.svg() if shutil.which("dot") else None  # without Graphviz: the line below
+    def __repr__(self) -> str:
+        return "<Diagram>" if shutil.which("dot") else "(a diagram: Graphviz's `dot` is not installed here; `make lab` as root, or `sudo .ci/system-packages`, installs it)"
 
 def flow(edges: Sequence[tuple[str, str] | tuple[str, str, str]], # (from, to) or (from, to, label)
          direction: str = "LR", # LR (left to right) or TB (top to bottom)
@@ -118,59 +120,60 @@ def clean_outputs(cell: dict[str, Any]) -> dict[str, Any]:
     return cell
 
 # %% ../../nbs/99_pages.ipynb #8a0e7f32
-SKIP_FLAGS = ("slow", "notest", "gpu")  # cells that keep their committed outputs unless asked for
-NEVER_RUN = "eval:false"  # `#| eval: false`: shown, never run (nbdev_test and Quarto skip it too), e.g. a script's `__main__`
+SKIP_FLAGS = ("slow", "notest", "gpu")  # settings.ini's tst_flags: cells that run only when asked for
+KERNELS = {"mlops-prefect": "make prefect-venv"}  # kernels of an environment of their own -> the command that registers them
 
-def _flags(source: str) -> set[str]:
-    "A cell's directives: `#| slow` gives 'slow', `#| eval: false` gives 'eval:false'."
-    return {w for line in source.splitlines() if line.startswith("#|") for w in line[2:].replace(": ", ":").split()}
+def runs(cell, # a cell as nbdev's `NBProcessor` leaves it (directives read into `directives_`)
+         skip: set[str], # flags whose cells do not run
+        ) -> bool:
+    "Whether `nbdev_test` would run `cell`: code, not a call of nbdev_export, not `#| eval: false`, flagged with none of `skip`."
+    directives = cell.get("directives_") or {}
+    if cell.cell_type != "code" or "nbdev_export" + "(" in cell.source: return False  # split, or this cell would skip itself
+    return directives.get("eval:", [""])[0].lower() != "false" and not skip & directives.keys()
 
+def run_page(path: str | Path, # a notebook
+             flags: Sequence[str] = (), # flags whose cells run anyway, e.g. ("slow",)
+             for_readers: bool = False, # `IN_TEST` unset and `showing_the_pipeline_run()`, as `make pages`; else as the tests
+             timeout: int | None = 1800, # seconds a cell may run; None: no limit
+            ):
+    "Run the page in the Jupyter kernel its metadata names, in its own directory: the notebook with the new outputs, and which cells ran."
+    import nbformat
+    from jupyter_client.kernelspec import NoSuchKernel
+    from nbclient import NotebookClient
+    from nbdev.process import NBProcessor
+    path = Path(path).resolve()
+    nb, processed = nbformat.read(path, as_version=4), NBProcessor(path, process=True).nb
+    ran = [i for i, cell in enumerate(processed.cells) if runs(cell, set(SKIP_FLAGS) - set(flags))]
+    script = nbformat.v4.new_notebook(metadata=nb.metadata, cells=[nbformat.v4.new_code_cell(processed.cells[i].source) for i in ran])
+    env = {k: v for k, v in os.environ.items() if k not in ("IN_TEST", PAGES_ENV)} | ({PAGES_ENV: "1"} if for_readers else {"IN_TEST": "1"})
+    name = nb.metadata.get("kernelspec", {}).get("name", "python3")
+    client = NotebookClient(script, kernel_name=name, timeout=timeout, startup_timeout=120, record_timing=False,
+                            resources={"metadata": {"path": str(path.parent)}})
+    try: client.execute(env=env)
+    except NoSuchKernel: raise FileNotFoundError(f"{path.name} runs in the Jupyter kernel {name!r}: run `{KERNELS.get(name, 'make lab')}` first") from None
+    for i, cell in zip(ran, script.cells): nb.cells[i].outputs = cell.outputs
+    return nb, ran
+
+# %% ../../nbs/99_pages.ipynb #a6613c96
 def build_page(path: str | Path, # a notebook
                run_flagged: Sequence[str] = (), # flags whose cells run anyway, e.g. ("slow",)
+               write: bool = True, # False: run it and report, keep the file as it is
               ) -> dict[str, int]:
     "Run the notebook for its readers and keep its cleaned outputs: how many cells ran and kept their old outputs."
-    from execnb.nbio import read_nb, write_nb
-    from execnb.shell import CaptureShell
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
 
     from mlops_basics.core.artifacts import atomic_file
     path = Path(path).resolve()
-    nb, counts = read_nb(path), {"ran": 0, "kept": 0}
-    current = {}
-    def skip(cell):
-        if cell.cell_type != "code": return True
-        flags = _flags(cell.source)
-        if NEVER_RUN in flags or flags & (set(SKIP_FLAGS) - set(run_flagged)): counts["kept"] += 1; return True
-        counts["ran"] += 1; cell.outputs = []; current["cell"] = cell
-        return False
-    cwd, env = os.getcwd(), os.environ.pop("IN_TEST", None)
-    os.environ[PAGES_ENV] = "1"
-    try:
-        os.chdir(path.parent)
-        CaptureShell(path=path.parent).run_all(nb, exc_stop=True, preproc=skip)
-    except Exception as e:
-        code = [l for l in current["cell"].source.splitlines() if not l.startswith("#|")]
-        raise RuntimeError(f"{path.name}: a cell failed with {type(e).__name__}: {e}; it begins: {' / '.join(code[:3])}") from e
-    finally:
-        os.chdir(cwd)
-        os.environ.pop(PAGES_ENV, None)
-        if env is not None: os.environ["IN_TEST"] = env
-    for cell in nb.cells:
-        if cell.cell_type == "code": clean_outputs(cell); cell.execution_count = None
-    with atomic_file(path) as staging: write_nb(nb, staging)
-    return counts
+    try: nb, ran = run_page(path, run_flagged, for_readers=True, timeout=None)
+    except CellExecutionError as e: raise RuntimeError(f"{path.name}: a cell failed: {_ANSI.sub('', str(e))[-3000:]}") from None
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    for cell in code: clean_outputs(cell); cell.execution_count = None
+    if write:
+        with atomic_file(path) as staging: nbformat.write(nb, str(staging))
+    return {"ran": len(ran), "kept": len(code) - len(ran)}
 
-# %% ../../nbs/99_pages.ipynb #10a6fa97
-OWN_VENV = {"13_orchestration": (".venv-prefect", "make prefect-venv"), "13a_prefect_server": (".venv-prefect", "make prefect-venv"), "13b_workers": (".venv-prefect", "make prefect-venv"), "13c_closing_the_loop": (".venv-prefect", "make prefect-venv")}  # page -> (its virtual environment, the command that makes it)
-
-def _build_elsewhere(page: Path, slow: bool) -> dict[str, int]:
-    "`build_page` in the page's own virtual environment."
-    venv, make = OWN_VENV[page.stem]
-    python = project_file(venv, "bin", "python", must_exist=False)
-    if not python.exists(): raise FileNotFoundError(f"{page.name} runs in {venv}: run `{make}` first")
-    code = f"import json; from mlops_basics.devtools.pages import build_page; print(json.dumps(build_page({str(page.resolve())!r}, {('slow',) if slow else ()!r})))"
-    proc = subprocess.run([str(python), "-c", code], cwd=page.parent, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(project_file())})
-    if proc.returncode: raise RuntimeError(f"{page.name} in {venv}: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colours of a kernel's traceback
 
 # %% ../../nbs/99_pages.ipynb #f09639de
 def main(argv: Sequence[str] | None = None) -> int:
@@ -179,12 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make pages", description="Run the course's pages on the real model and keep their cleaned outputs.")
     parser.add_argument("notebooks", nargs="*", help="the pages to build (default: every page in nbs/)")
     parser.add_argument("--slow", action="store_true", help="also run the cells flagged slow (container builds, registries)")
+    parser.add_argument("--time-only", action="store_true", help="run the pages and print their times, writing nothing")
     args = parser.parse_args(argv)
     try:
         pages = [Path(p) for p in args.notebooks] or sorted(p for p in project_file("nbs").glob("*.ipynb") if not p.name.startswith("_"))
         for page in pages:
             started = time.perf_counter()
-            counts = build_page(page, ("slow",) if args.slow else ()) if page.stem not in OWN_VENV else _build_elsewhere(page, args.slow)
+            counts = build_page(page, ("slow",) if args.slow else (), write=not args.time_only)
             print(f"{page.name}: {counts['ran']} cells run, {counts['kept']} kept as they were, {time.perf_counter() - started:.0f} s", flush=True)
     except Exception as e:
         print(f"make pages: {type(e).__name__}: {e}", file=sys.stderr); return 1

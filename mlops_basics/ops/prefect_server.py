@@ -139,5 +139,6 @@ def deployments_from_yaml(path: str | Path = "prefect.yaml", # a prefect.yaml wi
         flow_ = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
         flow_.validate_parameters(d.get("parameters") or {})  # a typo in prefect.yaml fails here, not at 04:00 on Monday
         deployments.append(flow_.to_deployment(name=d["name"], description=d.get("description"), tags=d.get("tags"), parameters=d.get("parameters") or {},
-                                               schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in d.get("schedules", [])]))
+                                               schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in d.get("schedules", [])],
+                                               _sync=True))  # a coroutine otherwise, where an event loop runs (a Jupyter kernel)
     return deployments

@@ -46,7 +46,7 @@ def apply_to_pool(path: str | Path = "prefect.yaml", # a prefect.yaml with `depl
         module, _, name = spec["entrypoint"].partition(":")
         deployment.entrypoint = f"{module.removesuffix('.py').replace('/', '.')}.{name}"  # a module path: the worker imports it, from any directory
         deployment.concurrency_limit = spec.get("concurrency_limit")
-        deployment_id = deployment.apply(work_pool_name=(spec.get("work_pool") or {}).get("name", POOL))
+        deployment_id = deployment.apply(work_pool_name=(spec.get("work_pool") or {}).get("name", POOL), _sync=True)  # sync in a kernel too
         with get_client(sync_client=True) as client: d = client.read_deployment(deployment_id)
         held.append({"name": d.name, "work_pool": d.work_pool_name, "entrypoint": d.entrypoint,
                      "concurrency_limit": d.global_concurrency_limit.limit if d.global_concurrency_limit else None})
@@ -137,4 +137,4 @@ def trigger(deployment: str, # "flow/deployment", e.g. "retrain/weekly"
            ) -> str:
     "A run of `deployment`, scheduled now for its work pool's workers; its id."
     from prefect.deployments import run_deployment
-    return str(run_deployment(deployment, parameters=parameters or {}, timeout=0, idempotency_key=idempotency_key, as_subflow=False).id)
+    return str(run_deployment(deployment, parameters=parameters or {}, timeout=0, idempotency_key=idempotency_key, as_subflow=False, _sync=True).id)

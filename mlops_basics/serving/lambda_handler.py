@@ -5,8 +5,10 @@
 # %% ../../nbs/08_lambda.ipynb #9ee13cb6
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mangum import Mangum
@@ -16,7 +18,7 @@ from .observability import configure_request_logging
 from .settings import ServeSettings
 
 # %% auto #0
-__all__ = ['runtime', 'is_http_event', 'predict_event', 'PredictFailed', 'handler']
+__all__ = ['runtime', 'is_http_event', 'predict_event', 'call_app', 'PredictFailed', 'handler']
 
 # %% ../../nbs/08_lambda.ipynb #73c00d20
 _runtime: dict[str, Any] = {}
@@ -46,6 +48,20 @@ def predict_event(body: Any, # the JSON a direct invocation sends to /predict
                                         "userAgent": "lambda-direct-invoke"}, "routeKey": f"POST {path}", "stage": "$default",
                                "requestId": "direct", "accountId": "direct", "apiId": "direct"}}
 
+# %% ../../nbs/08_lambda.ipynb #ef474177
+def call_app(adapter: Mangum, # the app's Mangum adapter
+             event: dict[str, Any], # an HTTP event
+             context: Any = None, # the Lambda context
+            ) -> dict[str, Any]:
+    "Mangum's answer to `event`, from a worker thread with a loop of its own when this thread runs an event loop."
+    try: asyncio.get_running_loop()
+    except RuntimeError: return adapter(event, context)  # Lambda's runtime client: no loop runs here
+    def in_own_loop():
+        asyncio.set_event_loop(loop := asyncio.new_event_loop())
+        try: return adapter(event, context)
+        finally: loop.close()
+    with ThreadPoolExecutor(1) as pool: return pool.submit(in_own_loop).result()
+
 # %% ../../nbs/08_lambda.ipynb #b14c2e71
 class PredictFailed(RuntimeError):
     "The app answered a direct invocation with a server error."
@@ -55,10 +71,10 @@ def handler(event: Any, # the Lambda event
            ) -> dict[str, Any]:
     "Lambda entry point: HTTP events through Mangum, direct invocations as a POST to /predict (or to /feedback, for a body with a `request_id`)."
     state = runtime()
-    if is_http_event(event): return state["mangum"](event, context)
+    if is_http_event(event): return call_app(state["mangum"], event, context)
     body = {"sentences": [event["sentence"]]} if isinstance(event, dict) and set(event) == {"sentence"} else event
     path = "/feedback" if isinstance(event, dict) and "request_id" in event else "/predict"
-    response = state["mangum"](predict_event(body, path), context)
+    response = call_app(state["mangum"], predict_event(body, path), context)
     status = response["statusCode"]
     if status >= 500: raise PredictFailed(f"{path} failed with status {status}: {response['body']}")  # raw: a 5xx body need not be JSON
     payload = json.loads(response["body"])
