@@ -29,6 +29,7 @@ OWN_VENV = {
     "13a_prefect_server": "prefect_python",
     "13b_workers": "prefect_python",
     "13c_closing_the_loop": "prefect_python",
+    "13d_nightly_scoring": "prefect_python",
 }
 
 
