@@ -231,9 +231,12 @@ def commit_shard(output: str, # the output folder (a path or an fsspec URL)
     with fs.open(temporary, "wb") as f: pq.write_table(table, f)
     fs.mv(temporary, f"{root}/{shard.name}.parquet")  # a rename on a local disk; on S3 a copy that appears whole or not at all
 
-def score_shard(predictor: ONNXPredictor, corpus: Corpus, shard: Shard, output: str, settings: ScoreSettings) -> dict[str, Any]:
-    "Read, score and commit one shard; its counts."
-    columns, bad, counts = score_rows(predictor, shard_rows(corpus, shard, settings.max_chars), corpus.name(shard.file), settings)
+def score_shard(predictor: ONNXPredictor, corpus: Corpus, shard: Shard, output: str, settings: ScoreSettings,
+                rows: Sequence | None = None, # the shard's rows, when the caller read them; None reads them
+               ) -> dict[str, Any]:
+    "Score and commit one shard; its counts."
+    rows = shard_rows(corpus, shard, settings.max_chars) if rows is None else rows
+    columns, bad, counts = score_rows(predictor, rows, corpus.name(shard.file), settings)
     commit_shard(output, shard, columns, bad, counts)
     return counts
 
@@ -343,8 +346,12 @@ def score_corpus(source: str, # the input: file, folder, glob or URL
     from tqdm.auto import tqdm
     before = [shard_counts(output, s.name) for s in shards if s.name in done]
     bar = tqdm(total=total, initial=sum(c["rows"] for c in before), unit=" sentences", disable=not progress, file=sys.stderr, smoothing=0.1)
-    if ray is None:
-        for shard in pending: bar.update(score_shard(predictor, corpus, shard, output, settings)["rows"])
+    if ray is None:  # each file read once, front to back: one shard of rows in memory at a time
+        for index in sorted({s.file for s in pending}):
+            rows = read_rows(corpus, index, max_chars)
+            for shard in (s for s in shards if s.file == index):
+                chunk = list(itertools.islice(rows, shard.rows))
+                if shard.name not in done: bar.update(score_shard(predictor, corpus, shard, output, settings, chunk)["rows"])
     else:
         del predictor  # each actor loads its own
         score_on_ray(ray, serving_dir, corpus, pending, output, settings, actors, batch_size, 1, bar)
