@@ -160,7 +160,7 @@ def build_page(path: str | Path, # a notebook
     return counts
 
 # %% ../../nbs/99_pages.ipynb #10a6fa97
-OWN_VENV = {"13_orchestration": (".venv-prefect", "make prefect-venv"), "13a_prefect_server": (".venv-prefect", "make prefect-venv"), "13b_workers": (".venv-prefect", "make prefect-venv"), "13c_closing_the_loop": (".venv-prefect", "make prefect-venv")}  # page -> (its virtual environment, the command that makes it)
+OWN_VENV = {"13_orchestration": (".venv-prefect", "make prefect-venv"), "13a_prefect_server": (".venv-prefect", "make prefect-venv"), "13b_workers": (".venv-prefect", "make prefect-venv"), "13c_closing_the_loop": (".venv-prefect", "make prefect-venv"), "13d_nightly_scoring": (".venv-prefect", "make prefect-venv")}  # page -> (its virtual environment, the command that makes it)
 
 def _build_elsewhere(page: Path, slow: bool) -> dict[str, int]:
     "`build_page` in the page's own virtual environment."
