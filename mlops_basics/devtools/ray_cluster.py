@@ -49,7 +49,7 @@ def _ray_start(*args: str, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen([str(BIN/"ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
                                  "--object-store-memory", str(100 * 2**20), *args], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                                start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"})  # a token another Ray left in ~/.ray is not ours
 
 def _alive_nodes(address: str) -> int:
     proc = subprocess.run([str(BIN/"python"), "-c", "import ray; ray.init(address=%r, log_to_driver=False); "

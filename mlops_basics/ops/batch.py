@@ -304,16 +304,18 @@ def score_on_ray(address: str, # "auto": the cluster this machine runs (or a new
                  batch_size: int = 64, threads: int = 1, progress=None,
                 ) -> None:
     "Score `shards` as Ray Data `map_batches` over a pool of `ShardScorer` actors; a failed actor's shards are retried on another."
+    import os
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # `progress` says how far it is; Ray Data's own lines would repeat it
     import ray
     ray.init(address=None if address == "auto" else address, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         items = [{"file": s.file, "chunk": s.chunk, "rows": s.rows} for s in shards]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-            ShardScorer, batch_size=1, concurrency=actors, num_cpus=1,
+            ShardScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
             fn_constructor_kwargs={"serving_dir": str(serving_dir), "corpus": corpus, "output": output, "settings": settings,
-                                   "batch_size": batch_size, "threads": threads},
-            max_restarts=-1, max_task_retries=-1)  # an actor lost with its node is made again; its shard is retried
+                                   "batch_size": batch_size, "threads": threads})  # Ray Data restarts a lost actor and retries its shard
         for row in dataset.iter_rows():
             if progress is not None: progress.update(json.loads(row["counts"])["rows"])
     finally:
