@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import itertools
 import json
 import sys
@@ -20,157 +18,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..core.artifacts import ArtifactsError
+from .corpus import Corpus, ScoringError, Shard, open_corpus, plan_shards, read_rows, shard_rows
 from ..serving.predictor import ONNXPredictor
 
 # %% auto #0
-__all__ = ['FORMATS', 'GLOB_CHARS', 'HISTOGRAM_BINS', 'SCHEMA_KEY', 'ScoringError', 'Corpus', 'open_corpus', 'read_rows',
-           'count_rows', 'Shard', 'plan_shards', 'shard_rows', 'ScoreSettings', 'score_rows', 'commit_shard',
-           'score_shard', 'prepare_output', 'shard_counts', 'finish', 'ShardScorer', 'score_on_ray', 'score_corpus',
-           'window_rows', 'parse_args', 'main']
-
-# %% ../../nbs/14_batch_scoring.ipynb #bc39d171
-class ScoringError(RuntimeError):
-    "A corpus that cannot be scored as asked; raised before any work where it can be."
-
-FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-GLOB_CHARS = set("*?[")
-HISTOGRAM_BINS = 10  # of the probability of acceptable, over [0, 1]: the prediction distribution a run records
-
-# %% ../../nbs/14_batch_scoring.ipynb #3227af8a
-@dataclass(frozen=True)
-class Corpus:
-    "The files of one input: a file, a folder, a glob or an `s3://` URL."
-    source: str  # as given
-    protocol: str  # fsspec's protocol of the files ("file", "s3", ...)
-    root: str  # the folder names are relative to
-    files: tuple[str, ...]  # the files, sorted
-    field: str = "text"  # JSONL field or CSV/Parquet column holding the sentence
-
-    @property
-    def fs(self):
-        import fsspec
-        return fsspec.filesystem(self.protocol)
-
-    def name(self, index: int) -> str:
-        "File `index`'s name in row ids: its path below `root`."
-        return str(PurePosixPath(self.files[index]).relative_to(self.root)) if self.root else self.files[index]
-
-# %% ../../nbs/14_batch_scoring.ipynb #c4f77158
-def _format(path: str) -> str:
-    suffix = PurePosixPath(path).suffix.lower()
-    if suffix not in FORMATS: raise ScoringError(f"{path}: unknown input format {suffix or '(none)'}; expected one of {', '.join(FORMATS)}")
-    return FORMATS[suffix]
-
-def _check_readable(fs, path: str, field: str) -> None:
-    "Open `path` and read its header: a clear error now rather than a failed shard later."
-    try:
-        with fs.open(path, "rb") as f:
-            if _format(path) == "parquet":
-                import pyarrow.parquet as pq
-                names = pq.ParquetFile(f).schema_arrow.names
-                if field not in names: raise ScoringError(f"{path} has no column {field!r}; it has {', '.join(names)}")
-            elif _format(path) == "csv":
-                header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")), [])
-                if field not in header: raise ScoringError(f"{path} has no column {field!r} in its header; it has {', '.join(header) or 'none'}")
-            else: f.read(1)
-    except ScoringError: raise
-    except Exception as e: raise ScoringError(f"{path} cannot be read: {type(e).__name__}: {e}") from e
-
-def open_corpus(source: str, # a file, a folder, a glob, or an fsspec URL of one (s3://bucket/prefix)
-                field: str = "text", # JSONL field or CSV/Parquet column of the sentences
-               ) -> Corpus:
-    "The corpus's files, each checked readable (and holding `field`) before any work."
-    import fsspec
-    fs, path = fsspec.core.url_to_fs(source)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if GLOB_CHARS & set(path): files, root = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
-    elif fs.isdir(path): files, root = sorted(p for p in fs.find(path) if PurePosixPath(p).suffix.lower() in FORMATS), path.rstrip("/")
-    elif fs.isfile(path): files, root = [path], str(PurePosixPath(path).parent)
-    else: raise ScoringError(f"{source}: no such file or folder")
-    if not files: raise ScoringError(f"{source}: no input files ({', '.join(FORMATS)})")
-    for f in files: _format(f); _check_readable(fs, f, field)
-    return Corpus(source, protocol, root, tuple(files), field)
-
-# %% ../../nbs/14_batch_scoring.ipynb #2c429335
-def _text(raw: bytes, max_chars: int) -> tuple[str | None, str | None]:
-    "(sentence, None) or (None, why it is a bad row)."
-    try: text = raw.decode("utf-8")
-    except UnicodeDecodeError: return None, "not UTF-8"
-    return _checked(text, max_chars)
-
-def _checked(text: Any, max_chars: int) -> tuple[str | None, str | None]:
-    if text is None: return None, "empty"
-    if not isinstance(text, str): return None, f"not a string ({type(text).__name__})"
-    if not text.strip(): return None, "empty"
-    if len(text) > max_chars: return None, f"longer than {max_chars} characters ({len(text)})"
-    return text, None
-
-def _json_text(raw: bytes, field: str, max_chars: int) -> tuple[str | None, str | None]:
-    try: record = json.loads(raw)
-    except ValueError: return (None, "not UTF-8") if _text(raw, max_chars)[1] == "not UTF-8" else (None, "not JSON")
-    if not isinstance(record, dict) or field not in record: return None, f"no field {field!r}"
-    return _checked(record[field], max_chars)
-
-# %% ../../nbs/14_batch_scoring.ipynb #f6214ee6
-def read_rows(corpus: Corpus, # from `open_corpus`
-              index: int, # which file
-              max_chars: int = 2000, # longer sentences are bad rows
-             ) -> Iterator[tuple[int, str | None, str | None]]:
-    "(line, sentence, None) for each good row of file `index`, (line, None, reason) for each bad one: streamed, never the whole file."
-    path, fmt = corpus.files[index], _format(corpus.files[index])
-    with corpus.fs.open(path, "rb") as f:
-        if fmt == "text":
-            for line, raw in enumerate(f, 1): yield line, *_text(raw.rstrip(b"\r\n"), max_chars)
-        elif fmt == "jsonl":
-            for line, raw in enumerate(f, 1): yield line, *_json_text(raw.rstrip(b"\r\n"), corpus.field, max_chars)
-        elif fmt == "csv":
-            reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline=""))
-            for record in reader:
-                text = record.get(corpus.field)
-                bad = isinstance(text, str) and any("\udc80" <= c <= "\udcff" for c in text)
-                yield reader.line_num, *((None, "not UTF-8") if bad else _checked(text, max_chars))
-        else:
-            import pyarrow.parquet as pq
-            line = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=8192, columns=[corpus.field]):
-                for text in batch.column(0).to_pylist():
-                    line += 1
-                    yield line, *_checked(text, max_chars)
-
-def count_rows(corpus: Corpus, index: int) -> int:
-    "Rows in file `index` (lines, CSV records, Parquet rows), read without decoding: for the shard plan and the progress bar."
-    path, fmt = corpus.files[index], _format(corpus.files[index])
-    with corpus.fs.open(path, "rb") as f:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-            return pq.ParquetFile(f).metadata.num_rows
-        if fmt == "csv": return sum(1 for _ in csv.reader(io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline=""))) - 1
-        return sum(1 for _ in f)
-
-# %% ../../nbs/14_batch_scoring.ipynb #b348cb25
-@dataclass(frozen=True)
-class Shard:
-    "Rows `chunk * rows` to `(chunk + 1) * rows` of one input file: the unit of work, of commit and of resume."
-    file: int  # the file's index in the corpus
-    chunk: int  # the chunk's index in the file
-    rows: int  # rows per chunk
-
-    @property
-    def name(self) -> str: return f"part-{self.file:05d}-{self.chunk:05d}"
-
-def plan_shards(corpus: Corpus, # from `open_corpus`
-                rows: int = 10_000, # input rows per shard
-               ) -> tuple[list[Shard], int]:
-    "Every shard of the corpus, in input order, and the corpus's row count."
-    counts = [count_rows(corpus, i) for i in range(len(corpus.files))]
-    shards = [Shard(i, c, rows) for i, n in enumerate(counts) for c in range(max(1, -(-n // rows)))]
-    return shards, sum(counts)
-
-def shard_rows(corpus: Corpus, shard: Shard, max_chars: int) -> list[tuple[int, str | None, str | None]]:
-    "The rows of one shard."
-    return list(itertools.islice(read_rows(corpus, shard.file, max_chars), shard.chunk * shard.rows, (shard.chunk + 1) * shard.rows))
+__all__ = ['HISTOGRAM_BINS', 'SCHEMA_KEY', 'ScoreSettings', 'score_rows', 'commit_shard', 'score_shard', 'prepare_output',
+           'shard_counts', 'finish', 'ShardScorer', 'score_on_ray', 'score_corpus', 'window_rows', 'parse_args', 'main']
 
 # %% ../../nbs/14_batch_scoring.ipynb #61db44ff
+HISTOGRAM_BINS = 10  # of the probability of acceptable, over [0, 1]: the prediction distribution a run records
+
 @dataclass(frozen=True)
 class ScoreSettings:
     "What a run scores and keeps: recorded in the output folder, so a resume scores the rest the same way."
