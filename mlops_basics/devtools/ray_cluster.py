@@ -18,7 +18,7 @@ from typing import Iterator
 from .test_utils import BIN, free_port
 
 # %% auto #0
-__all__ = ['LocalRayCluster', 'local_ray_cluster']
+__all__ = ['LocalRayCluster', 'running', 'local_ray_cluster']
 
 # %% ../../nbs/98d_ray_cluster.ipynb #e813bd1f
 @dataclass
@@ -56,13 +56,17 @@ def _alive_nodes(address: str) -> int:
                            "print(sum(n['Alive'] for n in ray.nodes()))" % address], capture_output=True, text=True, timeout=120)
     return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else 0
 
+def running(pid: int) -> bool:
+    "Whether process `pid` runs: a zombie (dead, not yet reaped by its parent) does not."
+    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError): return False
+
 def _session(sid: int) -> list[int]:
-    "The processes of session `sid` (Ray's workers put themselves in process groups of their own, not in sessions)."
+    "The running processes of session `sid` (Ray's workers put themselves in process groups of their own, not in sessions)."
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid and fields[0] != "Z": found.append(int(stat.parent.name))  # a zombie is gone already
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid and running(int(stat.parent.name)): found.append(int(stat.parent.name))
     return found
 
 def _stop(process: subprocess.Popen) -> None:
