@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # `make run` installs what the pipeline uses (RUN_EXTRAS); `make test`, `make lab`, `make export` and `make pages` add the rest (EXTRAS).
 RUN_EXTRAS ?= train,offline,serve,pipeline
-EXTRAS ?= train,offline,serve,pipeline,lambda,aws,monitoring,dev
+EXTRAS ?= train,offline,serve,pipeline,lambda,aws,monitoring,batch,dev
 
 # Offline machines: point MLOPS_COLA_PATH at a local copy of CoLA (the zip or its raw/ directory).
 # A checkout next to a shared/ folder (as in this project's CI) uses the copy there.
@@ -138,7 +138,7 @@ $(SEED_43): params.yaml artifacts/serving/metadata.json
 # Every serving-side benchmark, re-run on the model `make run` left in artifacts/: ONNX against PyTorch, the int8 methods, the
 # image with its cold starts (HTTP and Lambda), the protocol against MLServer and the naive PyTorch app, the soak, the
 # behaviour suite's rates (the gate's thresholds move only with behaviour_benchmark.py --write-thresholds) and the backbone
-# table's sizes, speeds and served MCCs of both seeds. Each
+# table's sizes, speeds and served MCCs of both seeds, and mlops-score in process and on a local Ray cluster. Each
 # result in benchmarks/results/ names the model version and backbone it measured. Needs podman and wrk (as for `make test`)
 # and an otherwise idle machine; then `make pages PAGES="benchmarks.ipynb 04a_export.ipynb"` redraws the charts.
 QUANTIZED ?= default=artifacts/serving seed_43=$(SEED_43)
@@ -151,6 +151,7 @@ bench: install-dev mlserver $(SEED_43) $(SYSTEM_PACKAGES)
 	$(BIN)/python benchmarks/soak_benchmark.py --serving-dir artifacts/serving
 	$(BIN)/python benchmarks/behaviour_benchmark.py --serving-dir artifacts/serving
 	$(BIN)/python benchmarks/backbone_benchmark.py --served "all-mpnet-base-v2, 1.4 epochs=artifacts/serving" "all-mpnet-base-v2, 1.4 epochs=$(SEED_43)"
+	$(BIN)/python benchmarks/batch_benchmark.py --serving-dir artifacts/serving
 
 # Every page runs there: the Debian packages they use (as for `make test`), and .venv-prefect's kernel for the Prefect pages.
 lab: install-dev prefect-venv $(SYSTEM_PACKAGES)

@@ -182,8 +182,12 @@ def test_an_unhealthy_canary_is_rolled_back(world):
 
 def test_prefect_yaml_deployments_register_with_their_schedules(world):
     held = world["drive"]({"apply": str(ROOT / "prefect.yaml")})
-    assert [(d["name"], d["crons"], d["timezones"]) for d in held] == [("weekly", ["0 4 * * 1"], ["UTC"]), ("hourly", ["15 * * * *"], ["UTC"])]
-    assert [d["entrypoint"].rsplit(":", 1)[1] for d in held] == ["retrain_flow", "monitor_flow"]
+    assert [(d["name"], d["crons"], d["timezones"]) for d in held] == [
+        ("weekly", ["0 4 * * 1"], ["UTC"]),
+        ("hourly", ["15 * * * *"], ["UTC"]),
+        ("nightly", ["30 2 * * *"], ["UTC"]),
+    ]
+    assert [d["entrypoint"].rsplit(":", 1)[1] for d in held] == ["retrain_flow", "monitor_flow", "nightly_score_flow"]
     assert held[1]["parameters"]["retrain_deployment"] == "retrain/weekly"
     import yaml
 
@@ -239,7 +243,11 @@ def pool(world):
     "The process work pool `mlops` and prefect.yaml's deployments registered for it; yields what the API holds."
     assert world["drive"]({"pool": {"ensure": {"name": "mlops"}}}) == {"name": "mlops", "type": "process", "concurrency_limit": None}
     held = world["drive"]({"pool": {"apply": str(ROOT / "prefect.yaml")}})
-    assert [(d["name"], d["work_pool"], d["concurrency_limit"]) for d in held] == [("weekly", "mlops", 1), ("hourly", "mlops", None)]
+    assert [(d["name"], d["work_pool"], d["concurrency_limit"]) for d in held] == [
+        ("weekly", "mlops", 1),
+        ("hourly", "mlops", None),
+        ("nightly", "mlops", None),
+    ]
     assert held[0]["entrypoint"] == "mlops_basics.ops.orchestration.retrain_flow"
     return held
 
