@@ -52,8 +52,14 @@ def bin_dir_for(notebook: Path, request) -> Path:
     return request.getfixturevalue(OWN_VENV[notebook.stem]).parent if notebook.stem in OWN_VENV else BIN
 
 
+# Pages that start a program from another environment: that environment is made before they run.
+NEEDS = {"07c_model_registry": "mlflow_server_bin"}
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook(notebook, request):
+    if notebook.stem in NEEDS:
+        request.getfixturevalue(NEEDS[notebook.stem])
     nbdev_test(notebook, bin_dir=bin_dir_for(notebook, request))
 
 
