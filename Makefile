@@ -27,7 +27,7 @@ help:
 	@echo "make bench      re-run every serving benchmark on artifacts/ (after make run; podman, wrk, an idle machine), results in benchmarks/results/"
 	@echo "make lab        JupyterLab on the notebooks"
 	@echo "make prefect-venv  .venv-prefect: Prefect 3 and the [orchestration] extra, beside .venv (their pins clash)"
-	@echo "make registry   the MLflow model registry on http://127.0.0.1:5000, its PostgreSQL and files in .registry/ (Week 7c)"
+	@echo "make registry   the MLflow model registry on http://127.0.0.1:5000, its PostgreSQL and files in .registry/ (Week 7d)"
 	@echo "make mlserver   Seldon's MLServer with the project's runtime, in its own environment (.venv-mlserver)"
 
 install: $(VENV)/.installed
@@ -73,7 +73,7 @@ $(MLSERVER_VENV)/.installed: setup.py settings.ini constraints-mlserver.txt
 	$(MLSERVER_VENV)/bin/python -m pip install -q -c constraints-mlserver.txt -e ".[serve,mlserver]"
 	touch $@
 
-# The model registry (Week 7c): PostgreSQL on 127.0.0.1:5433 and the MLflow server on :5000, both kept in .registry/, until Ctrl-C.
+# The model registry (Week 7d): PostgreSQL on 127.0.0.1:5433 and the MLflow server on :5000, both kept in .registry/, until Ctrl-C.
 registry: install-dev registry-venv
 	$(BIN)/mlops-registry serve --home .registry --port 5000 --pg-port 5433 --mlflow $(REGISTRY_VENV)/bin/mlflow
 
@@ -91,7 +91,7 @@ $(REGISTRY_VENV)/.installed: setup.py settings.ini constraints.txt
 	touch $@
 
 # The whole pipeline (data -> train -> export -> evaluate -> behaviour), only what is out of date; see dvc.yaml.
-# Then the model is registered (Week 7c) when a model registry answers at $$MLFLOW_TRACKING_URI (default: `make registry`'s).
+# Then the model is registered (Week 7d) when a model registry answers at $$MLFLOW_TRACKING_URI (default: `make registry`'s).
 REGISTRY_URI = $(or $(MLFLOW_TRACKING_URI),http://127.0.0.1:5000)
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
@@ -130,9 +130,9 @@ lint-fix: install-dev
 	$(BIN)/nbdev_clean
 
 # The pages show the real model: run them after `make run` (it leaves artifacts/ and reports/), then commit nbs/.
-# The orchestration pages (13*) run in .venv-prefect, Week 12a starts MLServer from .venv-mlserver and Week 7c MLflow's server from .venv-registry:
+# The orchestration pages (13*) run in .venv-prefect, Week 12a starts MLServer from .venv-mlserver and Week 7d MLflow's server from .venv-registry:
 # each built when all pages are asked for, or a page that needs it.
-pages: install-dev $(if $(PAGES),$(if $(filter 13%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver) $(if $(filter 07c%,$(PAGES)),registry-venv),prefect-venv mlserver registry-venv)
+pages: install-dev $(if $(PAGES),$(if $(filter 13%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver) $(if $(filter 07d%,$(PAGES)),registry-venv),prefect-venv mlserver registry-venv)
 	cd nbs && HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false ../$(BIN)/python -c \
 	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow)
 	$(BIN)/nbdev_clean

@@ -1,4 +1,4 @@
-"""The model registry (Week 7c) on a real MLflow server and PostgreSQL: versions, aliases, fetch by alias, restarts, the card, the UI."""
+"""The model registry (Week 7d) on a real MLflow server and PostgreSQL: versions, aliases, fetch by alias, restarts, the UI; the model card (Week 7c)."""
 
 import json
 import re
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlops_basics.devtools.test_utils import free_port, local_postgres, run_cli, tiny_reports
+from mlops_basics.ops.model_card import CardError, write_card
 from mlops_basics.ops.model_registry import (
     CHAMPION,
     MODEL_NAME,
@@ -21,7 +22,6 @@ from mlops_basics.ops.model_registry import (
     release_challenger,
     rollback,
     set_challenger,
-    write_card,
 )
 
 pytestmark = pytest.mark.slow
@@ -159,7 +159,7 @@ def test_shipped_card_is_the_shipped_reports():
 
 def test_card_refuses_reports_of_another_model(versions, tmp_path):
     (first, _), (_, second_reports) = versions
-    with pytest.raises(RegistryError, match="not of"):
+    with pytest.raises(CardError, match="not of"):
         write_card(first, second_reports, tmp_path / "card.md")
     assert not (tmp_path / "card.md").exists()
 

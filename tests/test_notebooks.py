@@ -53,7 +53,7 @@ def bin_dir_for(notebook: Path, request) -> Path:
 
 
 # Pages that start a program from another environment: that environment is made before they run.
-NEEDS = {"07c_model_registry": "mlflow_server_bin"}
+NEEDS = {"07d_model_registry": "mlflow_server_bin"}
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)

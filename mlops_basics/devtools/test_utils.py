@@ -248,7 +248,7 @@ def local_postgres(database: str = "optuna", # the database to create
         if server and server.poll() is None: server.terminate(); server.wait(timeout=60)
         shutil.rmtree(home, ignore_errors=True)
 
-# %% ../../nbs/97_test_utils.ipynb #7a7fc9a8
+# %% ../../nbs/97_test_utils.ipynb #454afee8
 def tiny_reports(serving_dir: str | Path, # a serving directory (e.g. `tiny_serving_dir`'s)
                  out_dir: str | Path, # where metrics.json and behaviour.json go
                 ) -> Path:
@@ -260,7 +260,7 @@ def tiny_reports(serving_dir: str | Path, # a serving directory (e.g. `tiny_serv
         behaviour(["--serving-dir", str(serving_dir), "--no-thresholds", "--out", str(Path(out_dir)/"behaviour.json")])  # a tiny model fails the gate
     return Path(out_dir)
 
-# %% ../../nbs/97_test_utils.ipynb #bf8f4cfc
+# %% ../../nbs/97_test_utils.ipynb #f07bcdba
 def browser_text(url: str, # the page
                  wait_for: str | Sequence[str], # text (each text) that shows once the page has rendered
                  screenshot: str | Path | None = None, # a PNG of the page, when given

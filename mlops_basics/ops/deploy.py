@@ -225,7 +225,7 @@ def deploy_parser() -> argparse.ArgumentParser:
     rel = sub.add_parser("release", help="update the function, publish a version, move the alias, smoke-test, roll back on failure")
     rel.add_argument("--image-uri", required=True); rel.add_argument("--smoke-url"); rel.add_argument("--description", default="")
     rel.add_argument("--serving-dir", help="the released serving directory: its registered version becomes the model registry's "
-                     "challenger ($MLFLOW_TRACKING_URI, Week 7c); registered first if new, with the card and reports of --reports")
+                     "challenger ($MLFLOW_TRACKING_URI, Week 7d); registered first if new, with the card and reports of --reports")
     rel.add_argument("--reports", default="reports")
     sub.add_parser("status", help="show the alias and the versions")
     back = sub.add_parser("rollback", help="point the alias at an earlier version"); back.add_argument("--to", required=True)

@@ -241,7 +241,7 @@ def retrain_flow(repo: str = ".", # the checkout with the DVC pipeline
                  canary_metrics: str | Any = "mlops_basics.ops.orchestration:cloudwatch_canary_metrics", # metrics source, or its import path
                  tools: str | None = None, # directories of the course's tools (a PATH prefix), e.g. .venv/bin
                  retry_delay_s: float = 30, # pause before retrying a transient fault
-                 model_registry: str | None = None, # the model registry's URL (Week 7c): register, then move challenger and champion
+                 model_registry: str | None = None, # the model registry's URL (Week 7d): register, then move challenger and champion
                 ) -> dict[str, Any]:
     "Retrain on new data, and release the model if it is at least as good as the live one: pipeline, gate, pushes, canary."
     root = Path(repo).resolve()
