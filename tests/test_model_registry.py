@@ -195,3 +195,12 @@ def test_lightning_mlflow_logger(registry, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("tiny-runs").experiment_id])
     assert run.info.status == "FINISHED"
     assert "val_mcc" in run.data.metrics and run.data.params["trainer/max_epochs"] == "1"
+
+
+def test_no_registry_is_a_clear_error_at_once(tmp_path):
+    "A registry that does not answer: one line and exit status 2 within seconds (MLflow's client alone retries for minutes), nothing written."
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = run_cli("mlops-registry", "--uri", url, "promote", timeout=60)
+    assert proc.returncode == 2 and f"no model registry answers at {url}" in proc.stderr
+    proc = run_cli("mlops-model", "fetch", f"models:/{MODEL_NAME}@{CHAMPION}", "--out", tmp_path / "serving", "--uri", url, timeout=60)
+    assert proc.returncode == 1 and "no model registry answers" in proc.stderr and not (tmp_path / "serving").exists()
