@@ -3,9 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# `make run` installs what the pipeline uses (RUN_EXTRAS); `make test`, `make lab`, `make export` and `make pages` add the rest (EXTRAS).
-RUN_EXTRAS ?= train,offline,serve,pipeline
-EXTRAS ?= train,offline,serve,pipeline,lambda,aws,monitoring,batch,dev
+# `make run` installs what the pipeline uses (RUN_EXTRAS: registry is the model registry's client); `make test`, `make lab`, `make export` and `make pages` add the rest (EXTRAS).
+RUN_EXTRAS ?= train,offline,serve,pipeline,registry
+EXTRAS ?= train,offline,serve,pipeline,lambda,aws,monitoring,batch,registry,dev
 
 # Offline machines: point MLOPS_COLA_PATH at a local copy of CoLA (the zip or its raw/ directory).
 # A checkout next to a shared/ folder (as in this project's CI) uses the copy there.
@@ -14,7 +14,7 @@ ifneq ($(wildcard $(SHARED_COLA)/cola_public_1.1.zip),)
 export MLOPS_COLA_PATH ?= $(SHARED_COLA)
 endif
 
-.PHONY: help install install-dev lock lint lint-fix prefect-venv mlserver system-packages run test test-fast export pages bench lab clean
+.PHONY: help registry registry-venv install install-dev lock lint lint-fix prefect-venv mlserver system-packages run test test-fast export pages bench lab clean
 
 help:
 	@echo "make run        run the DVC pipeline: data, train, export to ONNX, evaluate, behavioural tests (what is out of date)"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench      re-run every serving benchmark on artifacts/ (after make run; podman, wrk, an idle machine), results in benchmarks/results/"
 	@echo "make lab        JupyterLab on the notebooks, with what every page needs (Debian packages when root, .venv-prefect's kernel)"
 	@echo "make prefect-venv  .venv-prefect: Prefect 3 and the [orchestration] extra, beside .venv (their pins clash)"
+	@echo "make registry   the MLflow model registry on http://127.0.0.1:5000, its PostgreSQL and files in .registry/ (Week 7d)"
 	@echo "make mlserver   Seldon's MLServer with the project's runtime, in its own environment (.venv-mlserver)"
 
 install: $(VENV)/.installed
@@ -84,9 +85,30 @@ lock: $(VENV)/.installed-dev
 	$(BIN)/uv pip compile setup.py --extra serve --extra lambda --constraint constraints.txt --generate-hashes --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet --output-file docker/serve.lock
 
+# The model registry (Week 7d): PostgreSQL on 127.0.0.1:5433 and the MLflow server on :5000, both kept in .registry/, until Ctrl-C.
+registry: install-dev registry-venv
+	$(BIN)/mlops-registry serve --home .registry --port 5000 --pg-port 5433 --mlflow $(REGISTRY_VENV)/bin/mlflow
+
+# MLflow's server and web UI pin pyarrow<26, importlib-metadata<10 and (graphene) graphql-core<3.3, below this project's: .venv-registry holds them, with every
+# other version as constraints.txt has it (mlflow 3.18's tracing package is not published: the server is 3.17, .venv's client 3.18).
+# .venv needs only the client (mlflow-skinny, the [registry] extra); tests/test_model_registry.py makes this environment when missing.
+REGISTRY_VENV ?= .venv-registry
+registry-venv: $(REGISTRY_VENV)/.installed
+
+$(REGISTRY_VENV)/.installed: setup.py settings.ini constraints.txt
+	test -x $(REGISTRY_VENV)/bin/python || $(PYTHON) -m venv $(REGISTRY_VENV)
+	$(REGISTRY_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	grep -vE '^(pyarrow|importlib[-_]metadata|graphql-core|mlflow-skinny)==' constraints.txt > $(REGISTRY_VENV)/constraints.txt
+	$(REGISTRY_VENV)/bin/python -m pip install -q -c $(REGISTRY_VENV)/constraints.txt "mlflow==3.17.2" "graphql-core==3.2.14" "psycopg[binary]>=3.2"
+	touch $@
+
 # The whole pipeline (data -> train -> export -> evaluate -> behaviour), only what is out of date; see dvc.yaml.
+# Then the model is registered (Week 7d) when a model registry answers at $$MLFLOW_TRACKING_URI (default: `make registry`'s).
+REGISTRY_URI = $(or $(MLFLOW_TRACKING_URI),http://127.0.0.1:5000)
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	@if curl -sf -o /dev/null $(REGISTRY_URI)/health; then $(BIN)/mlops-registry --uri $(REGISTRY_URI) register; \
+	else echo "no model registry at $(REGISTRY_URI): start one (make registry) and run make run again to register this model"; fi
 
 # Debian packages the tests and pages use (podman, runc, debootstrap, wrk, chromium, graphviz, ...): installed when missing
 # if we are root; otherwise listed, to install with `sudo .ci/system-packages` once.
@@ -120,9 +142,9 @@ lint-fix: install-dev
 	$(BIN)/nbdev_clean
 
 # The pages show the real model: run them after `make run` (it leaves artifacts/ and reports/), then commit nbs/.
-# Each page runs in the Jupyter kernel its metadata names, as in JupyterLab: the Prefect pages (13*, 98b) in .venv-prefect's, and
-# Week 12a starts MLServer from .venv-mlserver: each built when all pages are asked for, or a page that needs it.
-pages: install-dev $(if $(PAGES),$(if $(filter 13% 98b%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver),prefect-venv mlserver)
+# Each page runs in the Jupyter kernel its metadata names, as in JupyterLab: the Prefect pages (13*, 98b) in .venv-prefect's;
+# Week 12a starts MLServer from .venv-mlserver and Week 7d MLflow's server from .venv-registry: each built when all pages are asked for, or a page that needs it.
+pages: install-dev $(if $(PAGES),$(if $(filter 13% 98b%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver) $(if $(filter 07d%,$(PAGES)),registry-venv),prefect-venv mlserver registry-venv)
 	cd nbs && HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false ../$(BIN)/python -c \
 	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow) $(if $(TIME_ONLY),--time-only)
 	$(BIN)/nbdev_clean

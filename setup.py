@@ -20,10 +20,10 @@ def requirements(key):
     "The space-separated requirement list `key` of settings.ini."
     return cfg.get(key, "").split()
 
-extras = {name: requirements(f"{name}_requirements") for name in ("train", "offline", "serve", "pipeline", "lambda", "aws", "monitoring", "batch", "orchestration", "dev", "mlserver")}
+extras = {name: requirements(f"{name}_requirements") for name in ("train", "offline", "serve", "pipeline", "lambda", "aws", "monitoring", "batch", "orchestration", "registry", "registry_server", "dev", "mlserver")}
 extras = {name: reqs for name, reqs in extras.items() if reqs}
 # mlserver pins an older FastAPI and protobuf than the rest: it gets its own environment (`make mlserver`), never `all`
-extras["all"] = sorted({req for name, reqs in extras.items() if name != "mlserver" for req in reqs})
+extras["all"] = sorted({req for name, reqs in extras.items() if name not in ("mlserver", "registry_server") for req in reqs})
 
 setuptools.setup(
     name=cfg["repo"],

@@ -63,6 +63,14 @@ def mlserver_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mlflow_server_bin() -> Path:
+    "MLflow's server in its own environment (`make registry-venv`: .venv-registry, made once and kept)."
+    proc = subprocess.run(["make", "-s", "-C", str(ROOT), "registry-venv"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"make registry-venv failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return ROOT / ".venv-registry" / "bin" / "mlflow"
+
+
+@pytest.fixture(scope="session")
 def cola_path() -> Path:
     "The local CoLA copy the tests read: $MLOPS_COLA_PATH, the release zip or a directory of its raw TSVs."
     path = Path(os.environ.get(COLA_ENV_VAR, ""))

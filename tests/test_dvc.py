@@ -102,7 +102,7 @@ def repo(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_stage(repo):
     lock = (repo / "dvc.lock").read_text()
-    for stage in ("data", "train", "export", "evaluate", "behaviour"):
+    for stage in ("data", "train", "export", "evaluate", "behaviour", "card"):
         assert f"  {stage}:" in lock
     assert sorted(p.name for p in (repo / "data" / "cola").iterdir()) == [
         "in_domain_dev.tsv",

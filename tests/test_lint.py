@@ -159,7 +159,8 @@ def test_deploy_workflow_refuses_an_unset_smoke_url():
     release = next(s for s in steps if "mlops-deploy release" in s.get("run", ""))
     assert names.index("Check the settings") == 0 and '--smoke-url "$SMOKE_URL"' in release["run"]
     for smoke_url, code in (("", 1), ("https://abc.execute-api.eu-west-1.amazonaws.com", 0)):
-        proc = run_workflow_step(check["run"], ROOT, {"AWS_REGION": "eu-west-1", "SMOKE_URL": smoke_url}, timeout=30)
+        env = {"AWS_REGION": "eu-west-1", "SMOKE_URL": smoke_url, "MLFLOW_TRACKING_URI": "https://registry.example"}
+        proc = run_workflow_step(check["run"], ROOT, env, timeout=30)
         assert proc.returncode == code, proc.stdout + proc.stderr
         assert ("variable SMOKE_URL is empty" in proc.stdout) == (code == 1)
 

@@ -52,8 +52,14 @@ def run_in_kernel(notebook: Path, request, *flags: str):
 SLOW_NEEDS = {"12a_mlserver": "mlserver_bin"}
 
 
+# Pages that start a program from another environment: that environment is made before they run.
+NEEDS = {"07d_model_registry": "mlflow_server_bin"}
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook(notebook, request):
+    if notebook.stem in NEEDS:
+        request.getfixturevalue(NEEDS[notebook.stem])
     run_in_kernel(notebook, request)
 
 

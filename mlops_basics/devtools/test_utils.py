@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 # %% auto #0
 __all__ = ['BIN', 'TINY_BACKBONE', 'TINY_TRAIN', 'AWS_TEST_CREDENTIALS', 'free_port', 'http', 'wait_for_http', 'process_stopped',
            'run_cli', 'json_lines', 'tiny_model_dir', 'tiny_serving_dir', 'running_server', 'serve', 'moto_server',
-           'cola_copies', 'local_postgres']
+           'cola_copies', 'local_postgres', 'tiny_reports', 'browser_text']
 
 # %% ../../nbs/97_test_utils.ipynb #e898b152
 _PORTS_GIVEN: set[int] = set()
@@ -247,3 +247,39 @@ def local_postgres(database: str = "optuna", # the database to create
     finally:
         if server and server.poll() is None: server.terminate(); server.wait(timeout=60)
         shutil.rmtree(home, ignore_errors=True)
+
+# %% ../../nbs/97_test_utils.ipynb #454afee8
+def tiny_reports(serving_dir: str | Path, # a serving directory (e.g. `tiny_serving_dir`'s)
+                 out_dir: str | Path, # where metrics.json and behaviour.json go
+                ) -> Path:
+    "`out_dir` with the evaluate stage's metrics and the behaviour suite's report of `serving_dir`, on the CoLA copy of `$MLOPS_COLA_PATH`."
+    from mlops_basics.ops.behaviour import main as behaviour
+    from mlops_basics.training.pipeline import evaluate_serving
+    evaluate_serving(serving_dir, out_dir)
+    with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None):
+        behaviour(["--serving-dir", str(serving_dir), "--no-thresholds", "--out", str(Path(out_dir)/"behaviour.json")])  # a tiny model fails the gate
+    return Path(out_dir)
+
+# %% ../../nbs/97_test_utils.ipynb #f07bcdba
+def browser_text(url: str, # the page
+                 wait_for: str | Sequence[str], # text (each text) that shows once the page has rendered
+                 screenshot: str | Path | None = None, # a PNG of the page, when given
+                 timeout_s: float = 60, # for the text to show
+                 size: tuple[int, int] = (1280, 720), # the window
+                ) -> str:
+    "The text of `url` as headless Chromium renders it, once each text of `wait_for` shows."
+    def look() -> str:
+        from playwright.sync_api import sync_playwright
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            try:
+                page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+                page.goto(url)
+                for text in [wait_for] if isinstance(wait_for, str) else wait_for:
+                    page.get_by_text(text).first.wait_for(timeout=timeout_s * 1000)
+                if screenshot: page.screenshot(path=str(screenshot))
+                return page.inner_text("body")
+            finally: browser.close()
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as pool: return pool.submit(look).result()  # Playwright's sync API refuses a running loop

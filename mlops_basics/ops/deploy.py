@@ -224,8 +224,12 @@ def deploy_parser() -> argparse.ArgumentParser:
                       "else the installed engine that holds the image, else podman, then docker)")
     rel = sub.add_parser("release", help="update the function, publish a version, move the alias, smoke-test, roll back on failure")
     rel.add_argument("--image-uri", required=True); rel.add_argument("--smoke-url"); rel.add_argument("--description", default="")
+    rel.add_argument("--serving-dir", help="the released serving directory: its registered version becomes the model registry's "
+                     "challenger ($MLFLOW_TRACKING_URI, Week 7d); registered first if new, with the card and reports of --reports")
+    rel.add_argument("--reports", default="reports")
     sub.add_parser("status", help="show the alias and the versions")
     back = sub.add_parser("rollback", help="point the alias at an earlier version"); back.add_argument("--to", required=True)
+    back.add_argument("--model-registry", action="store_true", help="move the model registry's champion back too ($MLFLOW_TRACKING_URI)")
     return parser
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,12 +250,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"repository_changes": changes, "image_uri": f"{uri}@{digest}", "pushed_to": target, "tags": args.tag,
                               "already_in_ecr": sorted(existing)}))
         elif args.command == "release":
-            print(json.dumps(asdict(release(cfg, args.image_uri, args.smoke_url, args.description))))
+            done = asdict(release(cfg, args.image_uri, args.smoke_url, args.description))
+            if args.serving_dir:  # only after the smoke test passed: a rolled-back release raised
+                from mlops_basics.ops.model_registry import RegistryError, release_challenger
+                try: done["model_registry"] = release_challenger(args.serving_dir, args.reports)
+                except RegistryError as e: raise DeployError(f"released, but the model registry refused: {e}") from e
+            print(json.dumps(done))
         elif args.command == "status":
             print(json.dumps(status(cfg), indent=2))
         else:
             previous = point_alias(clients(cfg)["lambda"], cfg.function_name, cfg.alias, args.to)
-            print(json.dumps({"alias": cfg.alias, "version": args.to, "previous_version": previous}))
+            done = {"alias": cfg.alias, "version": args.to, "previous_version": previous}
+            if args.model_registry:
+                from mlops_basics.ops.model_registry import RegistryError, rollback as registry_rollback
+                try: done["model_registry"] = registry_rollback()
+                except RegistryError as e: raise DeployError(f"rolled back, but the model registry refused: {e}") from e
+            print(json.dumps(done))
     except DeployError as e:
         print(f"mlops-deploy: {e}", file=sys.stderr); return 2
     return 0

@@ -32,7 +32,8 @@ from ..training.pipeline import metric_gate
 __all__ = ['TRANSIENT', 'CANARY_WINDOW_S', 'ToolError', 'TransientError', 'QualityGateFailed', 'ReleaseRolledBack', 'run_tool',
            'retry_if_transient', 'content_key', 'resolve', 'fetch_data', 'reproduce', 'behaviour_below', 'quality_gate',
            'push_data', 'container_build', 'model_version', 'build_image', 'push_image', 'cloudwatch_canary_metrics',
-           'canary_release', 'retrain_flow', 'ship_logs', 'profile_reference', 'drift_check', 'monitor_flow']
+           'canary_release', 'registry_step', 'retrain_flow', 'ship_logs', 'profile_reference', 'drift_check',
+           'monitor_flow']
 
 # %% ../../nbs/13_orchestration.ipynb #774495ad
 class ToolError(RuntimeError):
@@ -217,6 +218,11 @@ def canary_release(image_uri: str, description: str, metrics: Callable | str, po
         raise ReleaseRolledBack(f"version {version} rolled back to {result.state.stable}: {'; '.join(result.history[-1]['reasons'])}")
     return {"version": version, "outcome": result.outcome, "alias": asdict(result.state)}
 
+@task(name="model registry", cache_policy=NO_CACHE)
+def registry_step(repo: Path, uri: str, tools: str | None, *args: str) -> dict[str, Any]:
+    "One `mlops-registry` command against the registry at `uri` (register, challenger, promote); what it printed."
+    return json.loads(run_tool(["mlops-registry", "--uri", uri, *args], cwd=repo, tools=tools).stdout)
+
 # %% ../../nbs/13_orchestration.ipynb #5e74065c
 @flow(name="retrain")
 def retrain_flow(repo: str = ".", # the checkout with the DVC pipeline
@@ -235,6 +241,7 @@ def retrain_flow(repo: str = ".", # the checkout with the DVC pipeline
                  canary_metrics: str | Any = "mlops_basics.ops.orchestration:cloudwatch_canary_metrics", # metrics source, or its import path
                  tools: str | None = None, # directories of the course's tools (a PATH prefix), e.g. .venv/bin
                  retry_delay_s: float = 30, # pause before retrying a transient fault
+                 model_registry: str | None = None, # the model registry's URL (Week 7d): register, then move challenger and champion
                 ) -> dict[str, Any]:
     "Retrain on new data, and release the model if it is at least as good as the live one: pipeline, gate, pushes, canary."
     root = Path(repo).resolve()
@@ -245,7 +252,11 @@ def retrain_flow(repo: str = ".", # the checkout with the DVC pipeline
     version = model_version(root)
     local = build_image(root, f"{image}:{version}", build)
     uri = _retried(push_image, retry_delay_s)(local, [version], registry, insecure_registry, tools)
+    if model_registry:
+        registry_step(root, model_registry, tools, "register")
+        registry_step(root, model_registry, tools, "challenger", "--model-version", version)
     outcome = canary_release(uri, f"model {version}", canary_metrics, CanaryPolicy(tuple(canary_steps), canary_min_requests), canary_pause_s) if release else None
+    if model_registry and outcome: registry_step(root, model_registry, tools, "promote")  # a rolled-back canary raised: champion stays
     summary = {"stages": stages, "gate": gate["mcc"], "model_version": version, "image_uri": uri, "release": outcome}
     create_markdown_artifact("\n".join(f"- **{k}**: {v}" for k, v in summary.items()), key="retrain-summary", description="What the retrain flow did")
     return summary

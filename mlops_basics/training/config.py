@@ -79,6 +79,7 @@ class TrainerConfig:
 class LoggerKind(str, Enum):
     "The experiment loggers `make_logger` knows."
     wandb = "wandb"
+    mlflow = "mlflow"
     csv = "csv"
     none = "none"
 
@@ -92,7 +93,7 @@ class WandbMode(str, Enum):
 @dataclass
 class LoggerConfig:
     "Experiment tracking."
-    kind: LoggerKind = LoggerKind.wandb  # wandb, csv or none
+    kind: LoggerKind = LoggerKind.wandb  # wandb, mlflow, csv or none
     project: str = "mlops-basics"  # W&B project
     entity: Optional[str] = None  # W&B team or user
     mode: WandbMode = WandbMode.auto  # W&B mode

@@ -24,7 +24,7 @@ __all__ = ['LOGGER_KINDS', 'WANDB_MODES', 'wandb_credentials_configured', 'resol
            'validation_report', 'write_report', 'log_report', 'log_model_artifact', 'finish_logger', 'logged_tables']
 
 # %% ../../nbs/01_tracking.ipynb #7fa3ab3f
-LOGGER_KINDS = ("wandb", "csv", "none")
+LOGGER_KINDS = ("wandb", "mlflow", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 def wandb_credentials_configured() -> bool:
@@ -42,7 +42,7 @@ def resolve_wandb_mode(mode: str = "auto", # auto, online, offline or disabled
     return "online" if wandb_credentials_configured() else "offline"
 
 # %% ../../nbs/01_tracking.ipynb #7694b982
-def make_logger(kind: str, # wandb, csv or none
+def make_logger(kind: str, # wandb, mlflow, csv or none
                 save_dir: str | Path, # where the logger writes (W&B's offline runs too)
                 project: str = "mlops-basics", # W&B project
                 run_name: str | None = None, # W&B run name; W&B picks one when None
@@ -57,6 +57,10 @@ def make_logger(kind: str, # wandb, csv or none
     if kind == "csv":
         from pytorch_lightning.loggers import CSVLogger
         return CSVLogger(save_dir, name="csv")
+    if kind == "mlflow":  # the registry's server (Week 7d): $MLFLOW_TRACKING_URI, else files under save_dir
+        from pytorch_lightning.loggers import MLFlowLogger
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(save_dir).resolve()/"mlruns").as_uri()
+        return MLFlowLogger(experiment_name=project, run_name=run_name, tracking_uri=uri, tags={t: "true" for t in tags}, log_model=False)
     from pytorch_lightning.loggers import WandbLogger
     return WandbLogger(project=project, name=run_name, save_dir=str(save_dir), entity=entity, tags=list(tags),
                        mode=resolve_wandb_mode(mode), log_model=False)  # the best model is logged once, as an HF artifact
