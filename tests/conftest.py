@@ -46,27 +46,30 @@ def pytest_collection_modifyitems(config, items):
 PREFECT_VENV = ROOT / ".venv-prefect"  # Prefect 3's pins clash with .venv's: the orchestration extra has its own (see the Makefile)
 
 
+def make_environment(target: str, timeout: int = 1200) -> None:
+    "Run `make TARGET`, which makes a virtual environment of its own when it is missing or out of date."
+    proc = subprocess.run(["make", "-s", "-C", str(ROOT), target], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"make {target} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+
 @pytest.fixture(scope="session")
 def prefect_python() -> Path:
     "The Python of .venv-prefect, made by `make prefect-venv` when missing or out of date."
-    proc = subprocess.run(["make", "-C", str(ROOT), "prefect-venv"], capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, f"make prefect-venv failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    make_environment("prefect-venv", timeout=1800)
     return PREFECT_VENV / "bin" / "python"
 
 
 @pytest.fixture(scope="session")
 def mlserver_bin() -> Path:
     "MLServer in its own environment (`make mlserver`: .venv-mlserver, made once and kept)."
-    proc = subprocess.run(["make", "-s", "-C", str(ROOT), "mlserver"], capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"make mlserver failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    make_environment("mlserver")
     return ROOT / ".venv-mlserver" / "bin" / "mlserver"
 
 
 @pytest.fixture(scope="session")
 def mlflow_server_bin() -> Path:
     "MLflow's server in its own environment (`make registry-venv`: .venv-registry, made once and kept)."
-    proc = subprocess.run(["make", "-s", "-C", str(ROOT), "registry-venv"], capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"make registry-venv failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    make_environment("registry-venv")
     return ROOT / ".venv-registry" / "bin" / "mlflow"
 
 
