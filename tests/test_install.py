@@ -22,7 +22,7 @@ CFG.read(ROOT / "settings.ini")
 SCRIPTS = dict(s.split("=") for s in CFG["DEFAULT"]["console_scripts"].split())  # name -> module:function
 # What each console script needs beyond the core; without it, --help fails naming the missing module.
 NEEDS = {"mlops-train": "hydra", "mlops-export": "onnx", "mlops-serve": "fastapi", "mlops-deploy": "boto3", "mlops-sweep": "optuna"}
-EXTRAS = {"serve": {"fastapi"}, "serve,lambda": {"fastapi"}, "train": {"hydra", "onnx", "optuna"}}
+EXTRAS = {"serve": {"fastapi"}, "serve,lambda": {"fastapi", "boto3"}, "train": {"hydra", "onnx", "optuna"}}
 HELP = {"mlops-train": "model: bert_tiny, minilm, mpnet"}  # Hydra's help has no usage line: it lists the packaged config groups
 SERVE_LIMIT_MB = 250
 REPORT = os.environ.get("MLOPS_INSTALL_REPORT")  # benchmarks/install_benchmark.py: where to write the measurements
