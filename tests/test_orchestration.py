@@ -29,7 +29,8 @@ from mlops_basics.devtools.rehearsal import (
     tiny_pipeline_repo,
     traffic_log,
 )
-from mlops_basics.devtools.test_utils import BIN
+from mlops_basics.devtools.test_utils import BIN, free_port, local_postgres
+from mlops_basics.ops.model_registry import CHAMPION, MODEL_NAME, registry_client, registry_server as mlflow_server
 from mlops_basics.ops.workers import process_worker, stop_worker
 
 pytestmark = pytest.mark.slow
@@ -83,20 +84,31 @@ def world(prefect_api, prefect_python, moto_server, tmp_path_factory):
         yield {"repo": repo, "work": work, "registry": registry, "moto": moto_server, "drive": drive, "rehearsal": rehearsal, "env": env}
 
 
+@pytest.fixture(scope="module")
+def model_registry(mlflow_server_bin, tmp_path_factory):
+    "The model registry (Week 7d): MLflow's server on PostgreSQL, where the retrain flow registers its model and moves the aliases."
+    work = tmp_path_factory.mktemp("model-registry")
+    with local_postgres("mlflow") as database, mlflow_server(database, work / "files", free_port(), work / "server.log", mlflow_server_bin) as url:
+        yield url
+
+
 def tasks_of(history: list, flow_run_id: str) -> dict:
     "The task runs of one flow run, by task name."
     run = next(r for r in history if r["id"] == flow_run_id)
     return {t["task"]: t for t in run["tasks"]}
 
 
-def test_retrain_end_to_end_retries_a_transient_fault(world):
-    "The whole flow on the tiny model: the first `dvc push` fails as a flaky network would, is retried, and the canary is promoted."
+def test_retrain_end_to_end_retries_a_transient_fault(world, model_registry):
+    "The whole flow on the tiny model: the first `dvc push` fails as a flaky network would, is retried, the canary is promoted, and so is its registered version."
     flaky = fail_once(world["work"] / "flaky", "dvc", "push", str(BIN))
     lambda_traffic(world["moto"], FUNCTION, {"2": (300, 1), "1": (2700, 8)})  # CloudWatch: version 2 (the canary) is healthy
-    ran = world["drive"]({"run": "retrain", "parameters": {**world["rehearsal"], "behaviour_thresholds": {}, "tools": f"{flaky}{os.pathsep}{BIN}"}})
+    parameters = {**world["rehearsal"], "behaviour_thresholds": {}, "tools": f"{flaky}{os.pathsep}{BIN}", "model_registry": model_registry}
+    ran = world["drive"]({"run": "retrain", "parameters": parameters})
     assert ran["state"] == "Completed", ran["message"]
     result = ran["result"]
-    assert result["stages"] == ["data", "train", "export", "evaluate", "behaviour"]
+    champion = registry_client(model_registry).get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    assert champion.tags["model_version"] == result["model_version"]  # registered, made challenger, then champion with the canary
+    assert result["stages"] == ["data", "train", "export", "evaluate", "behaviour", "card"]
     assert result["release"] == {"version": "2", "outcome": "promoted", "alias": {"stable": "2", "canary": None, "weight": 0.0}}
     assert alias_state(world["moto"], FUNCTION) == ("2", {})
     assert registry_tags(world["registry"]) == [result["model_version"]]
@@ -109,7 +121,7 @@ def test_retrain_end_to_end_retries_a_transient_fault(world):
     assert any((world["work"] / "repo-remote").rglob("*")), "dvc push wrote nothing to the local remote"
 
     tasks = tasks_of(world["drive"]({"history": ["retrain"]}), ran["flow_run_id"])
-    assert list(tasks) == ["fetch data", "dvc repro", "quality gate", "dvc push", "build image", "push image", "canary release"]
+    assert list(tasks) == ["fetch data", "dvc repro", "quality gate", "dvc push", "build image", "push image", "model registry", "canary release"]
     assert {name: (t["state"], t["run_count"]) for name, t in tasks.items()} == {
         "fetch data": ("Completed", 1),
         "dvc repro": ("Completed", 1),
@@ -117,6 +129,7 @@ def test_retrain_end_to_end_retries_a_transient_fault(world):
         "dvc push": ("Completed", 2),
         "build image": ("Completed", 1),
         "push image": ("Completed", 1),
+        "model registry": ("Completed", 1),
         "canary release": ("Completed", 1),
     }
 

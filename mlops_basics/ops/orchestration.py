@@ -220,8 +220,9 @@ def canary_release(image_uri: str, description: str, metrics: Callable | str, po
 
 @task(name="model registry", cache_policy=NO_CACHE)
 def registry_step(repo: Path, uri: str, tools: str | None, *args: str) -> dict[str, Any]:
-    "One `mlops-registry` command against the registry at `uri` (register, challenger, promote); what it printed."
-    return json.loads(run_tool(["mlops-registry", "--uri", uri, *args], cwd=repo, tools=tools).stdout)
+    "One `mlops-registry` command against the registry at `uri` (register, challenger, promote); the JSON line it ends with."
+    out = run_tool(["mlops-registry", "--uri", uri, *args], cwd=repo, tools=tools).stdout
+    return json.loads(out.strip().splitlines()[-1])  # MLflow's client prints lines of its own before it
 
 # %% ../../nbs/13_orchestration.ipynb #5e74065c
 @flow(name="retrain")
