@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from typing import Annotated, Literal, Optional, Sequence
+from typing import Annotated, Literal, Mapping, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -132,9 +132,10 @@ class FeedbackSigner:
 
 
 # %% ../../nbs/05e_feedback.ipynb #5766a4e6
-def feedback_signer(environ=os.environ, # where MLOPS_FEEDBACK_KEY or MLOPS_FEEDBACK_KEY_SECRET is
+def feedback_signer(environ: Optional[Mapping[str, str]] = None, # where MLOPS_FEEDBACK_KEY or MLOPS_FEEDBACK_KEY_SECRET is; default: os.environ
                    ) -> Optional[FeedbackSigner]:
     "The signer for the configured keys (space-separated, newest first), or None when no key is configured."
+    environ = os.environ if environ is None else environ  # not a default value: the docs would print the whole environment
     keys = environ.get("MLOPS_FEEDBACK_KEY", "")
     if not keys and environ.get("MLOPS_FEEDBACK_KEY_SECRET"):
         import boto3  # only where the key lives in Secrets Manager (the image's lambda extra has boto3)
