@@ -24,7 +24,8 @@ SCRIPTS = dict(s.split("=") for s in CFG["DEFAULT"]["console_scripts"].split()) 
 NEEDS = {"mlops-train": "hydra", "mlops-export": "onnx", "mlops-serve": "fastapi", "mlops-deploy": "boto3", "mlops-sweep": "optuna"}
 EXTRAS = {"serve": {"fastapi"}, "serve,lambda": {"fastapi", "boto3"}, "train": {"hydra", "onnx", "optuna"}}
 HELP = {"mlops-train": "model: bert_tiny, minilm, mpnet"}  # Hydra's help has no usage line: it lists the packaged config groups
-SERVE_LIMIT_MB = 250
+# [serve] under 250 MB; the Lambda image adds the runtime client and boto3 (about 35 MB), which reads the feedback key from Secrets Manager
+SERVE_LIMIT_MB = {"serve": 250, "serve,lambda": 290}
 REPORT = os.environ.get("MLOPS_INSTALL_REPORT")  # benchmarks/install_benchmark.py: where to write the measurements
 
 
@@ -131,7 +132,7 @@ def test_serving_extras_leave_out_torch_lightning_and_transformers_and_stay_smal
     venv = venvs(extra)
     probe = "import importlib.util as u; print([m for m in ('torch', 'lightning', 'pytorch_lightning', 'transformers') if u.find_spec(m)])"
     assert run_in(venv, venv / "bin" / "python", "-c", probe, cwd=tmp_path).stdout.strip() == "[]"
-    assert MEASURED[extra]["installed_mb"] < SERVE_LIMIT_MB, MEASURED[extra]
+    assert MEASURED[extra]["installed_mb"] < SERVE_LIMIT_MB[extra], MEASURED[extra]
     if extra == "serve,lambda":
         proc = run_in(venv, venv / "bin" / "python", "-c", "import awslambdaric, mlops_basics.serving.lambda_handler", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
