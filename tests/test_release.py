@@ -59,19 +59,19 @@ def test_publishing_is_trusted_publishing_with_attestations():
     assert "secrets." not in text and "password" not in text
 
 
-def test_the_sbom_step_describes_the_serve_environment_next_to_the_wheel(release_build):
+def test_the_sbom_step_describes_the_serve_environment_next_to_the_wheel(release_build, tmp_path):
     "The SBOM step on the built wheel: a CycloneDX document named after the wheel, listing the [serve] environment at constraints.txt's versions."
     import json
     import os
 
-    serve = release_build.parent / "serve" / "bin"
-    serve.mkdir(parents=True, exist_ok=True)
+    serve = tmp_path / "serve" / "bin"  # its own RUNNER_TEMP: the install tests' real [serve] environment is left alone
+    serve.mkdir(parents=True)
     (serve / "python").write_text(f'#!/bin/sh\nexec "{BIN / "python"}" "$@"\n')  # .venv stands in for the fresh [serve] environment
     (serve / "python").chmod(0o755)
     proc = run_workflow_step(
         workflow_step("release.yml", "build", "SBOM of the [serve] environment"),
         release_build,
-        {"RUNNER_TEMP": str(release_build.parent), "PATH": f"{BIN}:{os.environ['PATH']}"},
+        {"RUNNER_TEMP": str(tmp_path), "PATH": f"{BIN}:{os.environ['PATH']}"},
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
