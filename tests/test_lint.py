@@ -3,12 +3,13 @@ the KServe manifest against the Dockerfile and the app (no Kubernetes cluster ru
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, run_workflow_step, workflow_job
+from conftest import ROOT, run_workflow_step, workflow_job, workflow_step
 from mlops_basics.devtools.test_utils import BIN
 
 
@@ -202,3 +203,21 @@ def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     assert {"name": "tmp", "emptyDir": {}} in predictor["volumes"]
     assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
     assert predictor["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"} and predictor["automountServiceAccountToken"] is False
+
+
+def test_the_release_pins_the_kserve_manifest_to_the_image_it_pushed(tmp_path):
+    "deploy.yml writes infra/kserve/inferenceservice.yaml with the digest just pushed, and refuses an image given by tag."
+    import yaml
+
+    step = workflow_step("deploy.yml", "deploy", "Pin the KServe manifest to the pushed image")
+    shutil.copytree(ROOT / "infra", tmp_path / "infra")
+    uri = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mlops-basics@sha256:" + "ab" * 32
+    proc = run_workflow_step(step, tmp_path, {"IMAGE_URI": uri}, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pinned = yaml.safe_load((tmp_path / "manifests" / "inferenceservice.yaml").read_text())
+    source = yaml.safe_load((ROOT / "infra" / "kserve" / "inferenceservice.yaml").read_text())
+    assert pinned["spec"]["predictor"]["containers"][0]["image"] == uri
+    source["spec"]["predictor"]["containers"][0]["image"] = uri
+    assert pinned == source  # nothing else changed
+    proc = run_workflow_step(step, tmp_path, {"IMAGE_URI": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mlops-basics:latest"}, timeout=30)
+    assert proc.returncode == 1 and "not an image by digest" in proc.stdout
