@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from mlops_basics.devtools.reading import HISTORY, TARGETS, TEACHING, reading, sections, shortfalls
 from mlops_basics.devtools.test_utils import BIN
 
 WEEK_PAGES = sorted(p.stem for p in (ROOT / "nbs").glob("[01]*.ipynb")) + ["benchmarks", "index"]
@@ -103,3 +105,43 @@ def test_screenshots_of_the_rendered_pages(rendered):
         finally:
             browser.close()
     assert sorted(p.name for p in out.glob("*.png")) == ["00a_data.png", "09c_drift.png", "index.png"]
+
+
+def test_the_sidebar_is_the_course_then_next_steps_reference_and_contributors():
+    "Four sections list every page once, and page numbers sort in reading order with none used twice."
+    found = sections(ROOT / "nbs" / "sidebar.yml")
+    assert list(found) == [*TEACHING, "Reference", "For contributors"]
+    listed = [p for pages in found.values() for p in pages]
+    assert sorted(listed) == sorted(p.stem for p in (ROOT / "nbs").glob("*.ipynb") if p.stem != "index")
+    numbered = [p for p in listed if p[0].isdigit()]
+    assert numbered == sorted(numbered), "the sidebar lists the pages in the order of their numbers"
+    prefixes = [p.split("_")[0] for p in numbered]
+    assert len(prefixes) == len(set(prefixes)), "a page number is used twice"
+    assert len([p for p in found["The course"] if p.startswith("00")]) <= 3, "Week 0 is at most three pages"
+
+
+def test_teaching_pages_read_as_a_course(rendered):
+    "The course and next-steps pages, as the docs build processed them, hold the reading targets (devtools.reading)."
+    proc = rendered.parent / "repo" / "_proc"
+    found = sections(ROOT / "nbs" / "sidebar.yml")
+    readings = [reading(proc / f"{page}.ipynb") for name in TEACHING for page in found[name]]
+    short = [f"{r.page}: {'; '.join(why)}" for r in readings if (why := shortfalls(r))]
+    assert not short, "\n".join(short)
+    median = statistics.median(r.words_per_line for r in readings)
+    assert median <= TARGETS["median_words_per_line"], f"median {median:.1f} words per visible code line"
+
+
+def test_no_page_and_not_the_readme_tells_history():
+    "What changed lives in CHANGELOG.md; every page and the README say what is."
+    prose = {
+        p.name: "\n".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "markdown")
+        for p in (ROOT / "nbs").glob("*.ipynb")
+    }
+    told = {name: HISTORY.findall(text) for name, text in {**prose, "README.md": (ROOT / "README.md").read_text()}.items()}
+    assert not (told := {k: v for k, v in told.items() if v}), told
+
+
+def test_the_readme_reads_in_three_minutes():
+    "At most 1,200 words, code blocks and tables included."
+    words = len((ROOT / "README.md").read_text().split())
+    assert words <= 1200, f"README.md has {words} words"

@@ -5,7 +5,6 @@ import json
 import re
 from pathlib import Path
 
-import fastcore.test
 import pytest
 from fastcore.basics import AttrDict
 from IPython.core.inputtransformer2 import TransformerManager
@@ -106,7 +105,6 @@ def test_notebooks_are_clean_tutorial_pages():
 # What a reader sees is decided by directives only, as nbdev and Quarto treat them: `#| hide`, `#| export`, `#| exporti` and
 # `#| default_exp` drop the cell from the page, `#| echo: false` and `#| include: false` its code, `#| output: false` its outputs.
 HIDE_CELL = {"hide", "export", "exporti", "default_exp"}
-CHECKS = {n for n in fastcore.test.__all__ if n.startswith("test")}  # test_eq, test_fail, test_close, ...
 TEST_MODULES = ("fastcore.test", "pytest", "unittest")  # the helpers of devtools.test_utils serve examples too (free ports, tiny models)
 SET_UP = re.compile(
     r"(os\.environ\.(setdefault|update|pop|clear)|torch\.set_num_threads|warnings\.(filterwarnings|simplefilter|resetwarnings)|"
@@ -155,11 +153,9 @@ def scaffolding(statement: ast.stmt) -> str | None:
         return "a test import" if any(m == t or m.startswith(t + ".") for m in modules for t in TEST_MODULES) else None
     for node in ast.walk(statement):
         if isinstance(node, ast.Assert):
-            return "a check"
+            return "a bare assert (show `test_eq` or `test_fail` instead)"
         if isinstance(node, ast.Name) and node.id == "IN_TEST" or isinstance(node, ast.Constant) and node.value == "IN_TEST":
             return "the IN_TEST switch"
-        if isinstance(node, ast.Call) and dotted(node.func) in CHECKS:
-            return "a check"
         if isinstance(node, ast.Call) and SET_UP.fullmatch(dotted(node.func)):
             return "environment set-up"
         targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target] if isinstance(node, ast.AugAssign) else []
@@ -209,7 +205,7 @@ def visibility_violations(notebook: Path) -> list[str]:
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_visible_cells_hold_only_the_example(notebook):
-    "A visible code cell holds the example and what explains it; checks, test imports, IN_TEST and set-up go in `#| hide` cells."
+    "A visible code cell holds the example, what explains it and its checks; test imports, IN_TEST and set-up go in `#| hide` cells."
     assert not (found := visibility_violations(notebook)), "move into a `#| hide` cell:\n" + "\n".join(found)
 
 
