@@ -35,9 +35,12 @@ def _text_outputs(cell) -> str:
 def github_links(markdown: str) -> str:
     "Links and diagrams as GitHub shows the README: a page `name.html` is the notebook `nbs/name.ipynb`, an image `images/...` is under `nbs/`."
 
+    # the site names a page as nbdev does, without its number: 00a_data.ipynb is data.html
+    notebooks = {re.sub(r"^\d+[a-zA-Z0-9]*_", "", nb.stem): nb.name for nb in (ROOT / "nbs").glob("*.ipynb")}
+
     def page(m):
         name = m.group(2)
-        return f"]({'nbs/' + name + '.ipynb' if (ROOT / 'nbs' / f'{name}.ipynb').exists() else name + '.html'}{m.group(3) or ''})"
+        return f"]({'nbs/' + notebooks[name] if name in notebooks else name + '.html'}{m.group(3) or ''})"
 
     markdown = re.sub(r"\]\((?!https?:)(([\w-]+))\.html(#[\w-]+)?\)", page, markdown)
     markdown = markdown.replace("```{mermaid}", "```mermaid")  # Quarto's diagram block, as GitHub spells it
