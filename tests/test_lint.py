@@ -51,7 +51,7 @@ def template() -> dict:
 
 
 def test_template_and_deploy_module_agree(template):
-    from mlops_basics.ops.registry import DEFAULTS, DeployConfig
+    from mlops_basics.ops.release.ecr import DEFAULTS, DeployConfig
 
     params = template["Parameters"]
     for key, param in {
@@ -91,7 +91,7 @@ def test_template_and_deploy_module_agree(template):
 
 
 def test_deployer_policy_allows_every_call_mlops_deploy_makes(template):
-    "Every boto3 call in mlops_basics/ops/registry.py and ops/deploy.py, and the registry calls of a push, are allowed by DeployerPolicy."
+    "Every boto3 call in mlops_basics/ops/release/ecr.py and ops/release/lambda_function.py, and the registry calls of a push, are allowed by DeployerPolicy."
     statements = template["Resources"]["DeployerPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     allowed = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     service = {"ecr": "ecr", "lam": "lambda", "logs": "logs", 'aws["ecr"]': "ecr", 'aws["lambda"]': "lambda", 'aws["logs"]': "logs"}
@@ -170,7 +170,7 @@ def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     "What can be checked of infra/kserve/inferenceservice.yaml without a cluster: its fields, and that they agree with the Dockerfile and the app."
     import yaml
 
-    from mlops_basics.ops.registry import DEFAULTS
+    from mlops_basics.ops.release.ecr import DEFAULTS
     from mlops_basics.serving.protocol import protocol_router
     from mlops_basics.serving.settings import ServeSettings
 

@@ -26,8 +26,8 @@ def main(request: dict) -> object:
                 "result": result if state.is_completed() else None}
     if "history" in request:
         return server.run_history(request["history"])
-    if "pool" in request:  # the work pool: ensure, apply, trigger, wait (ops.workers)
-        from mlops_basics.ops.workers import driver_request
+    if "pool" in request:  # the work pool: ensure, apply, trigger, wait (ops.orchestration.workers)
+        from mlops_basics.ops.orchestration.workers import driver_request
         return driver_request(request["pool"])
     if "apply" in request:
         from prefect import get_client
