@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
+
+import botocore.exceptions
 
 from mlops_basics.ops.release.ecr import (
     CONTAINER_CLI_ENV,
@@ -56,16 +57,15 @@ def wait_until_updated(lam, # a boto3 Lambda client
                        name: str, # function name
                        timeout_s: float = 300, # give up after this long
                       ) -> dict[str, Any]:
-    "Wait until the function is Active and its last update Successful; its configuration."
-    deadline = time.time() + timeout_s
-    while True:
-        config = lam.get_function_configuration(FunctionName=name)
-        state, update = config.get("State", "Active"), config.get("LastUpdateStatus", "Successful")
-        if state == "Failed" or update == "Failed":
-            raise DeployError(f"function {name}: {state}/{update}: {config.get('StateReason') or config.get('LastUpdateStatusReason')}")
-        if state == "Active" and update == "Successful": return config
-        if time.time() > deadline: raise DeployError(f"function {name} still {state}/{update} after {timeout_s:.0f} s")
-        time.sleep(2)
+    "Wait until the function is Active and its last update Successful (boto3's Lambda waiters); its configuration."
+    polls = {"Delay": 2, "MaxAttempts": max(1, round(timeout_s / 2))}
+    try:
+        for waiter in ("function_active_v2", "function_updated_v2"): lam.get_waiter(waiter).wait(FunctionName=name, WaiterConfig=polls)
+    except botocore.exceptions.WaiterError as e:
+        config = (e.last_response or {}).get("Configuration", {})
+        raise DeployError(f"function {name}: {config.get('State')}/{config.get('LastUpdateStatus')}: "
+                          f"{config.get('StateReason') or config.get('LastUpdateStatusReason') or e}") from None
+    return lam.get_function_configuration(FunctionName=name)
 
 def ensure_function(lam, # a boto3 Lambda client
                     cfg: DeployConfig, # names and settings
