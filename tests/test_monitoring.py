@@ -266,7 +266,7 @@ def test_bulk_retries_when_busy_and_reports_refused_documents(app_log, bulk_serv
 
 def test_ship_makes_the_prediction_rows_of_each_record_once(app_log, bulk_server, monkeypatch):
     "The rows `ship` returns are the ones it indexes: `prediction_rows` runs once per record, not again in `to_documents`."
-    from mlops_basics.ops import shipping as monitoring  # patched where `ship` looks it up
+    from mlops_basics.ops.monitoring import shipping as monitoring  # patched where `ship` looks it up
 
     calls = []
 
