@@ -191,7 +191,7 @@ def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     assert container["ports"] == [{"name": "http1", "containerPort": port, "protocol": "TCP"}] and env["PORT"] == image_env["PORT"] == str(port)
     assert env["MLOPS_SERVING_DIR"] == image_env["MLOPS_SERVING_DIR"]
     assert container["args"] == ["serve"] and "serve)" in (ROOT / "docker" / "entrypoint.sh").read_text()
-    known = set(ServeSettings.ENV.values()) | {"PORT", "WORKERS", "HOST"}
+    known = set(ServeSettings.variables().values()) | {"PORT", "WORKERS", "HOST"}
     assert set(env) <= known, set(env) - known  # every variable is one the entrypoint or the app reads
     ServeSettings.from_env(env)  # and the app accepts their values
     routes = {r.path for r in protocol_router().routes}

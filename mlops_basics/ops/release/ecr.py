@@ -12,16 +12,18 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import boto3
 import botocore.exceptions
+from pydantic import AliasChoices, Field, field_validator
+
+from ...serving.settings import EnvSettings
 
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'CONTAINER_ENGINES', 'CONTAINER_CLI_ENV', 'DeployError', 'DeployConfig', 'clients', 'aws_errors',
-           'lifecycle_policy', 'ensure_repository', 'image_in_store', 'container_cli', 'require_image',
+__all__ = ['DEFAULTS', 'FUNCTION_ENVIRONMENT', 'CONTAINER_ENGINES', 'CONTAINER_CLI_ENV', 'DeployError', 'DeployConfig', 'clients',
+           'aws_errors', 'lifecycle_policy', 'ensure_repository', 'image_in_store', 'container_cli', 'require_image',
            'docker_push_digest', 'registry_login', 'existing_tags', 'push_image']
 
 # %% ../../../nbs/07_registry.ipynb #424286ee
@@ -31,45 +33,34 @@ class DeployError(RuntimeError):
 DEFAULTS = dict(repository="mlops-basics", function_name="mlops-basics", alias="live", memory_mb=2048, timeout_s=30,
                 log_retention_days=30, keep_images=20)  # the same defaults as infra/template.yaml
 
-@dataclass
-class DeployConfig:
-    "Where and how to deploy."
-    region: str  # AWS region, e.g. eu-west-1
-    repository: str = DEFAULTS["repository"]  # ECR repository name
-    function_name: str = DEFAULTS["function_name"]  # Lambda function name
-    alias: str = DEFAULTS["alias"]  # the alias clients call
-    role_arn: str | None = None  # execution role of the function (needed to create it)
-    memory_mb: int = DEFAULTS["memory_mb"]  # Lambda memory (CPU scales with it)
-    timeout_s: int = DEFAULTS["timeout_s"]  # Lambda timeout
-    log_retention_days: int = DEFAULTS["log_retention_days"]  # CloudWatch Logs retention of the function's log group
-    keep_images: int = DEFAULTS["keep_images"]  # tagged images the ECR lifecycle policy keeps
-    environment: dict[str, str] = field(default_factory=lambda: {"MLOPS_THREADS": "2", "MLOPS_MAX_BATCH": "64"})  # function environment
-    endpoint_url: str | None = None  # an AWS API stand-in (moto, LocalStack); None for AWS itself
+FUNCTION_ENVIRONMENT = {"MLOPS_THREADS": "2", "MLOPS_MAX_BATCH": "64"}  # the function's serving settings (Week 5a)
 
-    ENV = {"region": ("AWS_REGION", "AWS_DEFAULT_REGION"), "repository": ("MLOPS_ECR_REPOSITORY",), "function_name": ("MLOPS_LAMBDA_FUNCTION",),
-           "alias": ("MLOPS_LAMBDA_ALIAS",), "role_arn": ("MLOPS_LAMBDA_ROLE_ARN",), "memory_mb": ("MLOPS_LAMBDA_MEMORY",),
-           "timeout_s": ("MLOPS_LAMBDA_TIMEOUT",), "endpoint_url": ("AWS_ENDPOINT_URL",)}
+class DeployConfig(EnvSettings):
+    "Where and how to deploy; `from_env` reads each setting from the variable its field names."
+    region: str = Field("", validate_default=True, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))  # AWS region, e.g. eu-west-1
+    repository: str = Field(DEFAULTS["repository"], validation_alias="MLOPS_ECR_REPOSITORY")  # ECR repository name
+    function_name: str = Field(DEFAULTS["function_name"], validation_alias="MLOPS_LAMBDA_FUNCTION")  # Lambda function name
+    alias: str = Field(DEFAULTS["alias"], validation_alias="MLOPS_LAMBDA_ALIAS")  # the alias clients call
+    role_arn: Optional[str] = Field(None, validation_alias="MLOPS_LAMBDA_ROLE_ARN")  # execution role of the function (needed to create it)
+    memory_mb: int = Field(DEFAULTS["memory_mb"], ge=128, le=10240, validation_alias="MLOPS_LAMBDA_MEMORY")  # Lambda memory (CPU scales with it)
+    timeout_s: int = Field(DEFAULTS["timeout_s"], ge=1, le=900, validation_alias="MLOPS_LAMBDA_TIMEOUT")  # Lambda timeout
+    log_retention_days: int = Field(DEFAULTS["log_retention_days"], ge=1, validation_alias="MLOPS_LOG_RETENTION_DAYS")  # CloudWatch Logs retention of the function's log group
+    keep_images: int = Field(DEFAULTS["keep_images"], ge=1, validation_alias="MLOPS_ECR_KEEP_IMAGES")  # tagged images the ECR lifecycle policy keeps
+    feedback_key_secret: Optional[str] = Field(None, validation_alias="MLOPS_FEEDBACK_KEY_SECRET")  # the feedback key's secret (Week 5e): a release keeps it in the function's environment
+    endpoint_url: Optional[str] = Field(None, validation_alias="AWS_ENDPOINT_URL")  # an AWS API stand-in (moto, LocalStack); None for AWS itself
 
-    def __post_init__(self):
-        if not self.region: raise DeployError("no AWS region: set AWS_REGION (or pass --region)")
-        known = boto3.session.Session().get_available_regions("lambda") + boto3.session.Session().get_available_regions("lambda", "aws-cn")
-        if self.region not in known: raise DeployError(f"unknown AWS region {self.region!r}: use one of {', '.join(sorted(known))}")
-        if not 128 <= self.memory_mb <= 10240: raise DeployError(f"memory_mb must be between 128 and 10240, got {self.memory_mb}")
-        if not 1 <= self.timeout_s <= 900: raise DeployError(f"timeout_s must be between 1 and 900, got {self.timeout_s}")
-
+    @field_validator("region")
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "DeployConfig":
-        "Settings from the environment; `overrides` that are not None win."
-        environ = os.environ if environ is None else environ
-        values = {}
-        for name, variables in cls.ENV.items():
-            value = next((environ[v] for v in variables if environ.get(v)), None)
-            if value is not None: values[name] = int(value) if name in ("memory_mb", "timeout_s") else value
-        if environ.get("MLOPS_FEEDBACK_KEY_SECRET"):  # the feedback key's secret (Week 5e): a release must keep it in the function's environment
-            values["environment"] = {**cls.__dataclass_fields__["environment"].default_factory(), "MLOPS_FEEDBACK_KEY_SECRET": environ["MLOPS_FEEDBACK_KEY_SECRET"]}
-        values |= {k: v for k, v in overrides.items() if v is not None}
-        if "region" not in values: raise DeployError("no AWS region: set AWS_REGION (or pass --region)")
-        return cls(**values)
+    def _known_region(cls, region: str) -> str:
+        if not region: raise ValueError("no AWS region: set AWS_REGION (or pass --region)")
+        known = boto3.session.Session().get_available_regions("lambda") + boto3.session.Session().get_available_regions("lambda", "aws-cn")
+        if region not in known: raise ValueError(f"unknown AWS region {region!r}: use one of {', '.join(sorted(known))}")
+        return region
+
+    @property
+    def environment(self) -> dict[str, str]:
+        "The function's environment variables."
+        return FUNCTION_ENVIRONMENT | ({"MLOPS_FEEDBACK_KEY_SECRET": self.feedback_key_secret} if self.feedback_key_secret else {})
 
 # %% ../../../nbs/07_registry.ipynb #0c4b21eb
 def clients(cfg: DeployConfig, # where to connect

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import botocore.exceptions
+from pydantic import ValidationError
 
 from mlops_basics.ops.release.ecr import (
     CONTAINER_CLI_ENV,
@@ -266,6 +267,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try: done["model_registry"] = registry_rollback()
                 except RegistryError as e: raise DeployError(f"rolled back, but the model registry refused: {e}") from e
             print(json.dumps(done))
-    except DeployError as e:
+    except (DeployError, ValidationError) as e:  # ValidationError: a setting's variable holds a bad value
         print(f"mlops-deploy: {e}", file=sys.stderr); return 2
     return 0
