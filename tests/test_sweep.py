@@ -37,11 +37,20 @@ def test_the_default_space_covers_the_fine_tuning_settings():
     "yaml, message",
     [
         ("params:\n  training.lr: {type: float, low: 1.0e-5, high: 1.0e-4}\n", "training.lr: not a setting of mlops-train"),
-        ("params:\n  training.seed: {type: integer, low: 1, high: 5}\n", "params.training.seed.type: Invalid value 'integer', expected one of [float, int, categorical]"),
+        (
+            "params:\n  training.seed: {type: integer, low: 1, high: 5}\n",
+            "params.training.seed.type: Invalid value 'integer', expected one of [float, int, categorical]",
+        ),
         ("params:\n  training.seed: {type: int, low: 5, high: 5}\n", "needs low < high, got 5.0, 5.0"),
         ("params:\n  training.seed: {type: int, low: 1.5, high: 5}\n", "int needs whole numbers, got 1.5, 5.0"),
-        ("params:\n  training.seed: {low: 1, high: 5}\n", "params.training.seed.type: Structured config of type `ParamSpace` has missing mandatory value"),
-        ("n_trials: lots\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n", "n_trials: Value 'lots' of type 'str' could not be converted to Integer"),
+        (
+            "params:\n  training.seed: {low: 1, high: 5}\n",
+            "params.training.seed.type: Structured config of type `ParamSpace` has missing mandatory value",
+        ),
+        (
+            "n_trials: lots\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n",
+            "n_trials: Value 'lots' of type 'str' could not be converted to Integer",
+        ),
         ("n_trials: -1\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n", "n_trials must be a positive integer, got -1"),
         ("n_trials: 3\n", "params: the space samples nothing"),
         ("pruner: {type: Median}\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n", "pruner type must be one of ["),
