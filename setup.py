@@ -52,6 +52,8 @@ setuptools.setup(
     extras_require=extras,
     entry_points={
         "console_scripts": requirements("console_scripts"),
+        "mlops_basics.image_builders": requirements("image_builders"),
+        "mlops_basics.canary_metrics": requirements("canary_metrics"),
         "nbdev": [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"],
     },
     zip_safe=False,

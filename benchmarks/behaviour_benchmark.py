@@ -65,7 +65,7 @@ def main() -> dict:
     )
     args = parser.parse_args()
     from mlops_basics.core.artifacts import package_versions
-    from mlops_basics.ops.behaviour import threshold_from
+    from mlops_basics.ops.models.behaviour import threshold_from
 
     serving_dir = args.serving_dir.resolve()
     export_s = None

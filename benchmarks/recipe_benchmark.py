@@ -132,7 +132,7 @@ def run_dir(recipe: str, seed: int) -> Path:
 
 def behaviour(model_dir: Path) -> dict:
     "Pass rates of the behaviour suite on the trained PyTorch model."
-    from mlops_basics.ops.behaviour import run_suite
+    from mlops_basics.ops.models.behaviour import run_suite
     from mlops_basics.training.inference import Predictor
 
     report = run_suite(Predictor(model_dir))

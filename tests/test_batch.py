@@ -13,7 +13,7 @@ import pytest
 
 from mlops_basics.devtools.ray_cluster import local_ray_cluster
 from mlops_basics.devtools.test_utils import BIN, http, run_cli
-from mlops_basics.ops.corpus import ScoringError, open_corpus
+from mlops_basics.ops.batch.corpus import ScoringError, open_corpus
 from mlops_basics.serving.predictor import ONNXPredictor
 
 ROWS = 10_000
@@ -270,6 +270,8 @@ def test_the_kuberay_rayjob_validates_and_is_hardened(tmp_path):
 
 def test_batch_scoring_imports_no_torch():
     "mlops-score runs on the ONNX predictor: neither torch nor the training layer is imported."
-    probe = "import sys, mlops_basics.ops.batch; print(sorted(m for m in ('torch', 'transformers', 'mlops_basics.training') if m in sys.modules))"
+    probe = (
+        "import sys, mlops_basics.ops.batch.scoring; print(sorted(m for m in ('torch', 'transformers', 'mlops_basics.training') if m in sys.modules))"
+    )
     proc = subprocess.run([str(BIN / "python"), "-c", probe], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

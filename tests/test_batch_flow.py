@@ -11,7 +11,7 @@ from test_orchestration import DRIVER, prefect_api  # noqa: F401  (a fixture: a 
 
 from conftest import ROOT
 from mlops_basics.devtools.test_utils import BIN, run_cli
-from mlops_basics.ops.workers import process_worker
+from mlops_basics.ops.orchestration.workers import process_worker
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_a_process_worker_runs_the_nightly_scoring(prefect_api, prefect_python, 
     (incoming / "day.txt").write_text("\n".join(sentences) + "\n\n")  # and one empty line: a bad row
     drive({"pool": {"ensure": {"name": "mlops"}}})
     held = drive({"pool": {"apply": str(ROOT / "prefect.yaml")}})
-    assert ("nightly", "mlops_basics.ops.scoring_flow.nightly_score_flow") in [(d["name"], d["entrypoint"]) for d in held]
+    assert ("nightly", "mlops_basics.ops.batch.scoring_flow.nightly_score_flow") in [(d["name"], d["entrypoint"]) for d in held]
     parameters = {"input_dir": str(incoming), "output_dir": str(tmp_path / "scored"), "serving_dir": str(serving_dir),
                   "monitoring_dir": str(tmp_path / "monitoring"), "day": "2026-12-07"}  # fmt: skip
     run_id = drive({"pool": {"trigger": {"deployment": "score/nightly", "parameters": parameters}}})

@@ -16,7 +16,7 @@ def test_suite_reports_every_capability_on_the_tiny_model(serving_dir, tmp_path)
     proc = run_cli("mlops-behaviour", "--serving-dir", serving_dir, "--no-thresholds", "--out", tmp_path / "report.json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    from mlops_basics.ops.behaviour import CAPABILITIES, QUALITY_TARGETS, build_suite
+    from mlops_basics.ops.models.behaviour import CAPABILITIES, QUALITY_TARGETS, build_suite
 
     suite = build_suite()
     assert set(report["capabilities"]) == set(CAPABILITIES)
@@ -42,7 +42,7 @@ def test_suite_reports_every_capability_on_the_tiny_model(serving_dir, tmp_path)
 
 def test_the_suite_has_three_kinds_of_case(serving_dir):
     "label, higher (first above second: pairs and word order alike) and same; anything else is refused by name."
-    from mlops_basics.ops.behaviour import build_suite, run_suite
+    from mlops_basics.ops.models.behaviour import build_suite, run_suite
     from mlops_basics.serving.predictor import ONNXPredictor
 
     suite = build_suite()
@@ -58,7 +58,7 @@ def test_the_suite_has_three_kinds_of_case(serving_dir):
 
 
 def test_thresholds_decide_the_exit_code(serving_dir, tmp_path):
-    from mlops_basics.ops.behaviour import CAPABILITIES
+    from mlops_basics.ops.models.behaviour import CAPABILITIES
 
     (tmp_path / "zero.json").write_text(json.dumps({name: 0.0 for name in CAPABILITIES}))
     assert run_cli("mlops-behaviour", "--serving-dir", serving_dir, "--thresholds", tmp_path / "zero.json").returncode == 0
@@ -75,7 +75,7 @@ def test_thresholds_decide_the_exit_code(serving_dir, tmp_path):
 
 def test_targets_are_reported_and_enforced_only_when_required(serving_dir, tmp_path):
     "Targets set to 0 are met and targets above 1 missed; only --require-targets turns a missed one into exit 1."
-    from mlops_basics.ops.behaviour import CAPABILITIES
+    from mlops_basics.ops.models.behaviour import CAPABILITIES
 
     (tmp_path / "met.json").write_text(json.dumps({name: 0.0 for name in CAPABILITIES}))
     (tmp_path / "missed.json").write_text(json.dumps({"mft_agreement_pairs": 1.01, "rob_casing": 1.01}))
@@ -101,7 +101,7 @@ def test_targets_are_reported_and_enforced_only_when_required(serving_dir, tmp_p
 
 
 def test_written_capabilities_have_enough_distinct_pairs_and_a_fixed_suite():
-    from mlops_basics.ops.behaviour import CAPABILITIES, HARD_PAIRS, QUALITY_TARGETS, THRESHOLDS, build_suite
+    from mlops_basics.ops.models.behaviour import CAPABILITIES, HARD_PAIRS, QUALITY_TARGETS, THRESHOLDS, build_suite
 
     suite = build_suite()
     assert build_suite() == suite and build_suite(7) == build_suite(7) and build_suite(7) != suite  # deterministic for a seed
@@ -122,7 +122,7 @@ def test_written_capabilities_have_enough_distinct_pairs_and_a_fixed_suite():
 
 def test_suite_sentences_cover_the_whole_suite():
     "What the training side checks for overlap: every sentence of every case, for the seed asked."
-    from mlops_basics.ops.behaviour import build_suite, suite_sentences
+    from mlops_basics.ops.models.behaviour import build_suite, suite_sentences
 
     for seed in (0, 3):
         listed = set()
@@ -135,7 +135,7 @@ def test_suite_sentences_cover_the_whole_suite():
 def test_suite_is_apart_from_cola_and_its_synthetic_negatives(cola_path):
     "No suite sentence is a CoLA sentence, nor one the negatives generator makes from CoLA's training split (case and spacing ignored)."
     from mlops_basics.core.data import load_cola
-    from mlops_basics.ops.behaviour import suite_sentences
+    from mlops_basics.ops.models.behaviour import suite_sentences
     from mlops_basics.training.negatives import synthetic_negatives
 
     splits = load_cola(cola_path)
@@ -171,7 +171,7 @@ def test_benchmark_writes_the_measured_thresholds_into_the_notebook(serving_dir,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from mlops_basics.ops.behaviour import CAPABILITIES, QUALITY_TARGETS, threshold_from
+    from mlops_basics.ops.models.behaviour import CAPABILITIES, QUALITY_TARGETS, threshold_from
 
     measured = json.loads((tmp_path / "behaviour.json").read_text())["report"]
     assert list(measured["capabilities"]) == list(CAPABILITIES)
@@ -187,7 +187,7 @@ def test_benchmark_writes_the_measured_thresholds_into_the_notebook(serving_dir,
 
 def test_shipped_thresholds_follow_from_the_recorded_measurement():
     "THRESHOLDS are what the rule gives for benchmarks/results/behaviour.json, and the measured model meets them all."
-    from mlops_basics.ops.behaviour import THRESHOLDS, build_suite, threshold_from
+    from mlops_basics.ops.models.behaviour import THRESHOLDS, build_suite, threshold_from
 
     measured = json.loads((ROOT / "benchmarks" / "results" / "behaviour.json").read_text())
     capabilities = measured["report"]["capabilities"]
@@ -216,7 +216,7 @@ def test_shipped_thresholds_follow_from_the_recorded_measurement():
 def test_behaviour_suite_is_torch_free(serving_dir):
     probe = f"""
 import json, sys
-from mlops_basics.ops.behaviour import run_suite
+from mlops_basics.ops.models.behaviour import run_suite
 from mlops_basics.serving.predictor import ONNXPredictor
 report = run_suite(ONNXPredictor({str(serving_dir)!r}))
 print(json.dumps(sorted({{"torch", "transformers", "lightning", "pytorch_lightning"}} & set(sys.modules))))

@@ -154,7 +154,7 @@ def signed_app(serving_dir, monkeypatch, key: str = KEY):
 
 
 def test_signed_tokens_cross_instances_and_refuse_forged_altered_expired_and_missing(serving_dir, monkeypatch):
-    from mlops_basics.ops.evaluation import feedback_records, join_feedback
+    from mlops_basics.ops.monitoring.evaluation import feedback_records, join_feedback
     from mlops_basics.serving.feedback import FeedbackSigner
 
     one, other = TestClient(signed_app(serving_dir, monkeypatch)), TestClient(signed_app(serving_dir, monkeypatch))

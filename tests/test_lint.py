@@ -51,7 +51,7 @@ def template() -> dict:
 
 
 def test_template_and_deploy_module_agree(template):
-    from mlops_basics.ops.registry import DEFAULTS, DeployConfig
+    from mlops_basics.ops.release.ecr import DEFAULTS, DeployConfig
 
     params = template["Parameters"]
     for key, param in {
@@ -91,15 +91,16 @@ def test_template_and_deploy_module_agree(template):
 
 
 def test_deployer_policy_allows_every_call_mlops_deploy_makes(template):
-    "Every boto3 call in mlops_basics/ops/registry.py and ops/deploy.py, and the registry calls of a push, are allowed by DeployerPolicy."
+    "Every boto3 call in mlops_basics/ops/release/ecr.py and ops/release/lambda_function.py, and the registry calls of a push, are allowed by DeployerPolicy."
     statements = template["Resources"]["DeployerPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     allowed = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     service = {"ecr": "ecr", "lam": "lambda", "logs": "logs", 'aws["ecr"]': "ecr", 'aws["lambda"]': "lambda", 'aws["logs"]': "logs"}
-    source = "".join((ROOT / "mlops_basics" / "ops" / f"{m}.py").read_text() for m in ("registry", "deploy"))
+    source = "".join((ROOT / "mlops_basics" / "ops" / "release" / f"{m}.py").read_text() for m in ("ecr", "lambda_function"))
     calls = {
         f"{service[client]}:{''.join(w.capitalize() for w in (paginated or method).split('_'))}"
         for client, paginated, method in re.findall(r'(\becr|\blam|\blogs|aws\["\w+"\])\.(?:get_paginator\("(\w+)"\)|(\w+)\()', source)
     }
+    calls = {"lambda:GetFunction" if c == "lambda:GetWaiter" else c for c in calls}  # function_active_v2/function_updated_v2 poll GetFunction
     assert {"ecr:DescribeImages", "lambda:ListVersionsByFunction", "lambda:DeleteAlias", "logs:PutRetentionPolicy"} <= calls  # the scan works
     push = {"ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage"}
     assert calls | push <= allowed, sorted((calls | push) - allowed)
@@ -170,7 +171,7 @@ def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     "What can be checked of infra/kserve/inferenceservice.yaml without a cluster: its fields, and that they agree with the Dockerfile and the app."
     import yaml
 
-    from mlops_basics.ops.registry import DEFAULTS
+    from mlops_basics.ops.release.ecr import DEFAULTS
     from mlops_basics.serving.protocol import protocol_router
     from mlops_basics.serving.settings import ServeSettings
 
@@ -190,7 +191,7 @@ def test_kserve_manifest_runs_the_image_as_the_dockerfile_and_the_app_expect():
     assert container["ports"] == [{"name": "http1", "containerPort": port, "protocol": "TCP"}] and env["PORT"] == image_env["PORT"] == str(port)
     assert env["MLOPS_SERVING_DIR"] == image_env["MLOPS_SERVING_DIR"]
     assert container["args"] == ["serve"] and "serve)" in (ROOT / "docker" / "entrypoint.sh").read_text()
-    known = set(ServeSettings.ENV.values()) | {"PORT", "WORKERS", "HOST"}
+    known = set(ServeSettings.variables().values()) | {"PORT", "WORKERS", "HOST"}
     assert set(env) <= known, set(env) - known  # every variable is one the entrypoint or the app reads
     ServeSettings.from_env(env)  # and the app accepts their values
     routes = {r.path for r in protocol_router().routes}

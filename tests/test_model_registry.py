@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mlops_basics.devtools.test_utils import free_port, local_postgres, run_cli, tiny_reports
-from mlops_basics.ops.model_card import CardError, write_card
-from mlops_basics.ops.model_registry import (
+from mlops_basics.ops.models.card import CardError, write_card
+from mlops_basics.ops.models.registry import (
     CHAMPION,
     MODEL_NAME,
     RegistryError,

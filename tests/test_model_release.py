@@ -13,7 +13,7 @@ import pytest
 from conftest import run_workflow_step, workflow_step
 from mlops_basics.core.data import sha256_file
 from mlops_basics.devtools.test_utils import http as request, run_cli, serve, tiny_serving_dir
-from mlops_basics.ops.model_release import ASSET_NAME, release_url
+from mlops_basics.ops.models.release_asset import ASSET_NAME, release_url
 
 
 @pytest.fixture(scope="module")

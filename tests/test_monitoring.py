@@ -238,7 +238,7 @@ def test_bulk_indexing_sends_valid_ndjson(app_log, bulk_server):
     assert [d["status"] for d in requests if d["request_id"] == "bad-1"] == [422]
     assert {(d["error"], d["client_error"]) for d in requests if d["request_id"] == "bad-1"} == {(0, 1)}
     assert all(0 <= d["p_acceptable"] <= 1 and d["label"] in ("acceptable", "unacceptable") and d["model"] == "main" for d in predictions)
-    from mlops_basics.ops.shipping import index_template
+    from mlops_basics.ops.monitoring.shipping import index_template
 
     mapped = set(index_template()["template"]["mappings"]["properties"])
     assert set().union(*docs) <= mapped  # the template is strict: any other field would be refused
@@ -266,7 +266,7 @@ def test_bulk_retries_when_busy_and_reports_refused_documents(app_log, bulk_serv
 
 def test_ship_makes_the_prediction_rows_of_each_record_once(app_log, bulk_server, monkeypatch):
     "The rows `ship` returns are the ones it indexes: `prediction_rows` runs once per record, not again in `to_documents`."
-    from mlops_basics.ops import shipping as monitoring  # patched where `ship` looks it up
+    from mlops_basics.ops.monitoring import shipping as monitoring  # patched where `ship` looks it up
 
     calls = []
 
@@ -303,7 +303,7 @@ def test_kibana_export_and_index_template_are_current_and_consistent(tmp_path):
     assert json.loads((tmp_path / "template.json").read_text()) == json.loads(
         (ROOT / "monitoring" / "elasticsearch" / "index-template.json").read_text()
     )
-    from mlops_basics.ops.dashboards import check_saved_objects
+    from mlops_basics.ops.monitoring.dashboards import check_saved_objects
 
     assert check_saved_objects(shipped.read_text()) == []
     objects = [json.loads(l) for l in shipped.read_text().splitlines()]
@@ -326,7 +326,7 @@ def reference(serving_dir, tmp_path_factory) -> Path:
 
 def profile_window(serving_dir, sentences, path: Path) -> Path:
     from mlops_basics.core.artifacts import write_jsonl
-    from mlops_basics.ops.drift import profile_sentences
+    from mlops_basics.ops.monitoring.drift import profile_sentences
     from mlops_basics.serving.predictor import ONNXPredictor
 
     rows = profile_sentences(sentences, ONNXPredictor(serving_dir))
@@ -343,7 +343,7 @@ def test_drift_passes_in_domain_and_fails_on_corrupted_inputs(serving_dir, refer
     import numpy as np
 
     from mlops_basics.core.data import load_cola
-    from mlops_basics.ops.drift import corrupt
+    from mlops_basics.ops.monitoring.drift import corrupt
 
     splits = load_cola()
     in_domain = [e.sentence for e, d in zip(splits.validation, splits.domains) if d == "in_domain"]
@@ -406,7 +406,7 @@ def test_prediction_drift_and_concept_drift(serving_dir, reference, tmp_path):
 
 def test_drift_report_tokenizes_each_sentence_once_and_writes_atomically(reference, tmp_path):
     from mlops_basics.core.artifacts import read_jsonl
-    from mlops_basics.ops.drift import drift_report
+    from mlops_basics.ops.monitoring.drift import drift_report
 
     rows = read_jsonl(reference)
     window = [{**r, "request_id": f"r{i}", "index": 0} for i, r in enumerate(rows[:60])]
@@ -433,14 +433,14 @@ def test_monitoring_and_shipper_never_import_torch(serving_dir, reference, app_l
 import json, sys
 from pathlib import Path
 from mlops_basics.core.artifacts import read_jsonl
-from mlops_basics.ops.drift import drift_report, profile_sentences
-from mlops_basics.ops.shipping import read_log_lines, ship
+from mlops_basics.ops.monitoring.drift import drift_report, profile_sentences
+from mlops_basics.ops.monitoring.shipping import read_log_lines, ship
 stats, rows = ship(read_log_lines({str(app_log)!r}))
 from mlops_basics.serving.predictor import ONNXPredictor
 p = ONNXPredictor({str(serving_dir)!r})
 window = profile_sentences(["A sentence.", "Another one here."] * 20, p)
 summary = drift_report(read_jsonl({str(reference)!r}), window, {str(tmp_path / 'out')!r}, lambda t: p.tokenizer.encode(t).tokens)
-import mlops_basics.ops.releases, mlops_basics.ops.behaviour
+import mlops_basics.ops.release.traffic, mlops_basics.ops.models.behaviour
 print(json.dumps({{"heavy": sorted({{"torch", "transformers", "lightning", "pytorch_lightning"}} & set(sys.modules)), "checks": len(summary["checks"])}}))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)

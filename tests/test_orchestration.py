@@ -30,8 +30,8 @@ from mlops_basics.devtools.rehearsal import (
     traffic_log,
 )
 from mlops_basics.devtools.test_utils import BIN, free_port, local_postgres
-from mlops_basics.ops.model_registry import CHAMPION, MODEL_NAME, registry_client, registry_server as mlflow_server
-from mlops_basics.ops.workers import process_worker, stop_worker
+from mlops_basics.ops.models.registry import CHAMPION, MODEL_NAME, registry_client, registry_server as mlflow_server
+from mlops_basics.ops.orchestration.workers import process_worker, stop_worker
 
 pytestmark = pytest.mark.slow
 DRIVER = ["-m", "mlops_basics.devtools.orchestration_driver"]  # run with .venv-prefect's Python
@@ -74,7 +74,7 @@ def world(prefect_api, prefect_python, moto_server, tmp_path_factory):
             repo=str(repo),
             remote="local",
             image="localhost/mlops-basics-orchestration",
-            build="mlops_basics.devtools.rehearsal:podman_import_build",
+            build="podman-import",
             registry=registry,
             insecure_registry=True,
             canary_pause_s=0,
@@ -213,7 +213,7 @@ def test_drift_starts_the_retrain_deployment_once(world):
     import numpy as np
 
     from mlops_basics.core.data import load_cola
-    from mlops_basics.ops.drift import corrupt
+    from mlops_basics.ops.monitoring.drift import corrupt
 
     rng = np.random.default_rng(0)
     serving_dir = world["repo"] / "artifacts" / "serving"
@@ -261,7 +261,7 @@ def pool(world):
         ("hourly", "mlops", None),
         ("nightly", "mlops", None),
     ]
-    assert held[0]["entrypoint"] == "mlops_basics.ops.orchestration.retrain_flow"
+    assert held[0]["entrypoint"] == "mlops_basics.ops.orchestration.flows.retrain_flow"
     return held
 
 
@@ -275,7 +275,7 @@ def test_a_process_worker_runs_the_retrain_that_drift_starts(world, pool, prefec
     import numpy as np
 
     from mlops_basics.core.data import load_cola
-    from mlops_basics.ops.drift import corrupt
+    from mlops_basics.ops.monitoring.drift import corrupt
 
     rng = np.random.default_rng(1)
     serving_dir = world["repo"] / "artifacts" / "serving"

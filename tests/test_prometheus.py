@@ -176,7 +176,7 @@ scrape_configs:
 
 def test_prometheus_scrapes_the_app_and_promql_gives_what_the_traffic_implies(served_and_scraped):
     "Each of `monitoring.PROMQL`'s queries, asked of a live Prometheus, gives what the test's own traffic implies."
-    from mlops_basics.ops.dashboards import PROMQL, promql
+    from mlops_basics.ops.monitoring.dashboards import PROMQL, promql
 
     app, prom, app_log = served_and_scraped
     wait_for(lambda: query(prom, 'up{job="mlops-serve"} == 1', time.time()), "the app's target to be up")

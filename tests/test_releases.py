@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from mlops_basics.devtools.test_utils import free_port, http, run_cli, serve
-from mlops_basics.ops.releases import AliasState, CanaryPolicy, LambdaRelease, VariantMetrics, ab_compare, decide, run_canary, variant_metrics
+from mlops_basics.ops.release.traffic import AliasState, CanaryPolicy, LambdaRelease, VariantMetrics, ab_compare, decide, run_canary, variant_metrics
 
 
 def package(tag: str) -> bytes:

@@ -9,7 +9,7 @@ import pytest
 
 from mlops_basics.core.artifacts import read_metadata
 from mlops_basics.devtools.test_utils import BIN, TINY_TRAIN, local_postgres, run_cli
-from mlops_basics.training.sweep import SweepError, best_overrides, load_space, open_study, trials_table
+from mlops_basics.training.sweep import ParamSpace, ParamType, SweepError, best_overrides, load_space, open_study, trials_table
 
 TINY = [*TINY_TRAIN, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.synthetic_negatives=0"]
 
@@ -23,7 +23,7 @@ def postgres():
 
 def test_packaged_space_samples_known_settings():
     space = load_space("lr_warmup")
-    assert space.n_trials == 12 and space.params["training.learning_rate"] == {"type": "float", "low": 1e-5, "high": 2e-4, "log": True}
+    assert space.n_trials == 12 and space.params["training.learning_rate"] == ParamSpace(ParamType.float, 1e-5, 2e-4, log=True)
 
 
 def test_the_default_space_covers_the_fine_tuning_settings():
@@ -37,8 +37,20 @@ def test_the_default_space_covers_the_fine_tuning_settings():
     "yaml, message",
     [
         ("params:\n  training.lr: {type: float, low: 1.0e-5, high: 1.0e-4}\n", "training.lr: not a setting of mlops-train"),
-        ("params:\n  training.seed: {type: integer, low: 1, high: 5}\n", "type must be float, int or categorical, got 'integer'"),
-        ("params:\n  training.seed: {type: int, low: 5, high: 5}\n", "needs numbers low < high, got 5, 5"),
+        (
+            "params:\n  training.seed: {type: integer, low: 1, high: 5}\n",
+            "params.training.seed.type: Invalid value 'integer', expected one of [float, int, categorical]",
+        ),
+        ("params:\n  training.seed: {type: int, low: 5, high: 5}\n", "needs low < high, got 5.0, 5.0"),
+        ("params:\n  training.seed: {type: int, low: 1.5, high: 5}\n", "int needs whole numbers, got 1.5, 5.0"),
+        (
+            "params:\n  training.seed: {low: 1, high: 5}\n",
+            "params.training.seed.type: Structured config of type `ParamSpace` has missing mandatory value",
+        ),
+        (
+            "n_trials: lots\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n",
+            "n_trials: Value 'lots' of type 'str' could not be converted to Integer",
+        ),
         ("n_trials: -1\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n", "n_trials must be a positive integer, got -1"),
         ("n_trials: 3\n", "params: the space samples nothing"),
         ("pruner: {type: Median}\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n", "pruner type must be one of ["),
@@ -47,7 +59,7 @@ def test_the_default_space_covers_the_fine_tuning_settings():
             "heartbeat_interval: 10\ngrace_period: 5\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n",
             "grace_period must be longer than heartbeat_interval",
         ),
-        ("prune: {}\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n", "unknown keys ['prune']"),
+        ("prune: {}\nparams:\n  training.seed: {type: int, low: 1, high: 5}\n", "prune: Key 'prune' not in 'SearchSpace'"),
     ],
 )
 def test_bad_space_is_a_clear_error(tmp_path, yaml, message):

@@ -12,7 +12,8 @@ import sys
 
 # %% ../../nbs/98b_orchestration_driver.ipynb #64437155
 def main(request: dict) -> object:
-    from mlops_basics.ops import orchestration as o, prefect_server as server
+    from mlops_basics.devtools import prefect_server as server
+    from mlops_basics.ops.orchestration import flows as o, workers
     if "serve" in request:
         with server.local_prefect_server(request["serve"]) as url:
             print(json.dumps(url), flush=True)
@@ -26,12 +27,12 @@ def main(request: dict) -> object:
                 "result": result if state.is_completed() else None}
     if "history" in request:
         return server.run_history(request["history"])
-    if "pool" in request:  # the work pool: ensure, apply, trigger, wait (ops.workers)
-        from mlops_basics.ops.workers import driver_request
+    if "pool" in request:  # the work pool: ensure, apply, trigger, wait (ops.orchestration.workers)
+        from mlops_basics.ops.orchestration.workers import driver_request
         return driver_request(request["pool"])
     if "apply" in request:
         from prefect import get_client
-        ids = [d.apply() for d in server.deployments_from_yaml(request["apply"])]
+        ids = [d.apply() for d in workers.deployments_from_yaml(request["apply"])]
         with get_client(sync_client=True) as client:
             held = [client.read_deployment(i) for i in ids]
         return [{"name": d.name, "parameters": d.parameters, "tags": sorted(d.tags), "crons": [s.schedule.cron for s in d.schedules],

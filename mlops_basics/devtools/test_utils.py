@@ -253,7 +253,7 @@ def tiny_reports(serving_dir: str | Path, # a serving directory (e.g. `tiny_serv
                  out_dir: str | Path, # where metrics.json and behaviour.json go
                 ) -> Path:
     "`out_dir` with the evaluate stage's metrics and the behaviour suite's report of `serving_dir`, on the CoLA copy of `$MLOPS_COLA_PATH`."
-    from mlops_basics.ops.behaviour import main as behaviour
+    from mlops_basics.ops.models.behaviour import main as behaviour
     from mlops_basics.training.pipeline import evaluate_serving
     evaluate_serving(serving_dir, out_dir)
     with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None):

@@ -302,12 +302,12 @@ def serve_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `mlops-serve`."
     args = serve_parser().parse_args(argv)
-    overrides = {"MLOPS_SERVING_DIR": args.serving_dir, "MLOPS_MODEL_VARIANT": args.variant, "MLOPS_THREADS": args.threads,
-                 "MLOPS_MAX_BATCH": args.max_batch, "MLOPS_MAX_CHARS": args.max_chars, "MLOPS_LOG_TEXT": "true" if args.log_text else None,
-                 "MLOPS_MODELS": ",".join(args.model) if args.model else None, "MLOPS_LIVE_MODEL": args.live, "MLOPS_AB_SPLIT": args.ab_split,
-                 "MLOPS_BATCHING": {"on": "true", "off": "false"}.get(args.batching, args.batching), "MLOPS_MAX_BATCH_SENTENCES": args.max_batch_sentences,
-                 "MLOPS_MAX_WAIT_MS": args.max_wait_ms}
-    os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})  # the workers read these
+    given = dict(serving_dir=args.serving_dir, variant=args.variant, threads=args.threads, max_batch=args.max_batch, max_chars=args.max_chars,
+                 log_text="true" if args.log_text else None, models=",".join(args.model) if args.model else None, live_model=args.live,
+                 ab_split=args.ab_split, batching={"on": "true", "off": "false"}.get(args.batching, args.batching),
+                 max_batch_sentences=args.max_batch_sentences, max_wait_ms=args.max_wait_ms)
+    variables = ServeSettings.variables()
+    os.environ.update({variables[k]: str(v) for k, v in given.items() if v is not None})  # the workers read these
     try:
         settings = ServeSettings.from_env()
         for directory, variant in settings.model_specs().values():

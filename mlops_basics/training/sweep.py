@@ -13,13 +13,15 @@ import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import optuna
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ..core.artifacts import read_metadata
 from .multinode import console_script
@@ -30,8 +32,9 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 
 # %% auto #0
-__all__ = ['SPACE_DIR', 'SweepError', 'SearchSpace', 'load_space', 'trial_overrides', 'open_study', 'TrialFailed', 'run_trial',
-           'run_worker', 'trials_table', 'snapshot', 'best_overrides', 'plot_trials', 'main']
+__all__ = ['SPACE_DIR', 'SweepError', 'ParamType', 'ParamSpace', 'SearchSpace', 'load_space', 'space_problems', 'trial_overrides',
+           'open_study', 'TrialFailed', 'run_trial', 'run_worker', 'trials_table', 'snapshot', 'best_overrides',
+           'plot_trials', 'main']
 
 # %% ../../nbs/02b_sweeps.ipynb #082924b0
 SPACE_DIR = Path(__file__).parents[1]/"conf"/"sweep" if "__file__" in globals() else Path("../mlops_basics/conf/sweep").resolve()
@@ -39,48 +42,61 @@ SPACE_DIR = Path(__file__).parents[1]/"conf"/"sweep" if "__file__" in globals() 
 class SweepError(ValueError):
     "A search space, storage or study that cannot be used."
 
+class ParamType(str, Enum):
+    "How Optuna samples a setting."
+    float = "float"
+    int = "int"
+    categorical = "categorical"
+
+@dataclass
+class ParamSpace:
+    "One `mlops-train` setting: a number between `low` and `high`, or one of `choices`."
+    type: ParamType = MISSING  # float, int or categorical
+    low: Optional[float] = None  # the smallest value of a float or int
+    high: Optional[float] = None  # the largest
+    log: bool = False  # sample the logarithm evenly, as learning rates want
+    choices: Optional[list[Any]] = None  # the values of a categorical setting
+
 @dataclass
 class SearchSpace:
     "What a sweep samples (`params`: override -> how), its budget, its pruner, and how soon a silent worker's trial counts as failed."
-    params: dict
-    n_trials: int = 12
-    pruner: Optional[dict] = None  # see `make_pruner`; None never prunes
+    params: dict[str, ParamSpace] = field(default_factory=dict)
+    n_trials: int = 12  # the study's budget, shared by every worker
+    pruner: Optional[dict[str, Any]] = None  # see `make_pruner`; None never prunes
     heartbeat_interval: int = 30  # seconds between a running trial's heartbeats in the database
     grace_period: int = 120  # seconds without a heartbeat before any worker marks the trial failed
 
-def _param_problems(key: str, p: dict) -> list[str]:
-    kind, low, high = p.get("type"), p.get("low"), p.get("high")
-    if kind == "categorical": return [] if p.get("choices") else [f"{key}: categorical needs a non-empty 'choices' list"]
-    if kind not in ("float", "int"): return [f"{key}: type must be float, int or categorical, got {kind!r}"]
-    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or low >= high: return [f"{key}: needs numbers low < high, got {low!r}, {high!r}"]
-    return [f"{key}: log sampling needs low > 0, got {low!r}"] if p.get("log") and low <= 0 else []
-
 def load_space(space: str | Path, # a name in `SPACE_DIR` (e.g. "lr_warmup") or a YAML file
               ) -> SearchSpace:
-    "The search space `space` names, checked: every key an `mlops-train` setting, every range sampleable."
-    from mlops_basics.training.config import compose_config
+    "The search space `space` names, checked: keys and types by the `SearchSpace` schema, every key an `mlops-train` setting, every range sampleable."
     path = Path(space) if str(space).endswith((".yaml", ".yml")) else SPACE_DIR/f"{space}.yaml"
     if not path.is_file():
         raise SweepError(f"no search space {space!r}: give a YAML file or one of {sorted(p.stem for p in SPACE_DIR.glob('*.yaml'))}")
-    raw = OmegaConf.to_container(OmegaConf.load(path))
-    params, base = raw.pop("params", None) or {}, compose_config()
-    problems = [f"{key}: not a setting of mlops-train" for key in params if OmegaConf.select(base, key, default="?") == "?"]
-    problems += [q for key, p in params.items() for q in _param_problems(key, p if isinstance(p, dict) else {})]
-    if not params: problems.append("params: the space samples nothing")
-    problems += _settings_problems(raw)
-    if problems: raise SweepError(f"invalid search space {path.name}:\n  " + "\n  ".join(problems))
-    return SearchSpace(params, **raw)
+    try: loaded = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchSpace), OmegaConf.load(path)))
+    except OmegaConfBaseException as e:  # the schema's verdict: an unknown key, a wrong type, a missing `type`
+        raise SweepError(f"invalid search space {path.name}:\n  {e.full_key or 'the space'}: {str(e).splitlines()[0]}") from None
+    if problems := space_problems(loaded): raise SweepError(f"invalid search space {path.name}:\n  " + "\n  ".join(problems))
+    return loaded
 
-def _settings_problems(raw: dict) -> list[str]:
-    unknown = sorted(set(raw) - {"n_trials", "pruner", "heartbeat_interval", "grace_period"})
-    problems = [f"unknown keys {unknown}: a space has params, n_trials, pruner, heartbeat_interval, grace_period"] if unknown else []
-    problems += [f"{k} must be a positive integer, got {raw[k]!r}" for k in ("n_trials", "heartbeat_interval", "grace_period")
-                 if k in raw and not (isinstance(raw[k], int) and raw[k] >= 1)]
-    try: make_pruner(raw.get("pruner"))
+def space_problems(space: SearchSpace, # a space of the right shape
+                  ) -> list[str]:
+    "What makes `space` unusable: a key that is no `mlops-train` setting, a range that cannot be sampled, a bad budget or pruner."
+    from mlops_basics.training.config import compose_config
+    base = compose_config()
+    problems = [f"{key}: not a setting of mlops-train" for key in space.params if OmegaConf.select(base, key, default="?") == "?"]
+    problems += [q for key, p in space.params.items() for q in _param_problems(key, p)]
+    if not space.params: problems.append("params: the space samples nothing")
+    problems += [f"{k} must be a positive integer, got {getattr(space, k)}" for k in ("n_trials", "heartbeat_interval", "grace_period") if getattr(space, k) < 1]
+    try: make_pruner(space.pruner)
     except TrialError as e: problems.append(str(e))
-    if not problems and raw.get("grace_period", 120) <= raw.get("heartbeat_interval", 30):
-        problems.append("grace_period must be longer than heartbeat_interval")
+    if space.grace_period <= space.heartbeat_interval: problems.append("grace_period must be longer than heartbeat_interval")
     return problems
+
+def _param_problems(key: str, p: ParamSpace) -> list[str]:
+    if p.type is ParamType.categorical: return [] if p.choices else [f"{key}: categorical needs a non-empty 'choices' list"]
+    if p.low is None or p.high is None or p.low >= p.high: return [f"{key}: needs low < high, got {p.low}, {p.high}"]
+    if p.type is ParamType.int and not (p.low.is_integer() and p.high.is_integer()): return [f"{key}: int needs whole numbers, got {p.low}, {p.high}"]
+    return [f"{key}: log sampling needs low > 0, got {p.low}"] if p.log and p.low <= 0 else []
 
 # %% ../../nbs/02b_sweeps.ipynb #04346958
 def trial_overrides(trial: optuna.Trial, # a trial of the study
@@ -89,9 +105,9 @@ def trial_overrides(trial: optuna.Trial, # a trial of the study
     "The `mlops-train` overrides of one trial: a value per setting of `space`, sampled by the study's sampler."
     overrides = []
     for key, p in space.params.items():
-        if p["type"] == "categorical": value = trial.suggest_categorical(key, list(p["choices"]))
-        elif p["type"] == "int": value = trial.suggest_int(key, int(p["low"]), int(p["high"]), log=bool(p.get("log")))
-        else: value = trial.suggest_float(key, float(p["low"]), float(p["high"]), log=bool(p.get("log")))
+        if p.type is ParamType.categorical: value = trial.suggest_categorical(key, list(p.choices))
+        elif p.type is ParamType.int: value = trial.suggest_int(key, int(p.low), int(p.high), log=p.log)
+        else: value = trial.suggest_float(key, p.low, p.high, log=p.log)
         overrides.append(f"{key}={value}")
     return overrides
 
@@ -104,7 +120,7 @@ def open_study(storage: str, # a SQLAlchemy URL: postgresql+psycopg://user@host/
     "The study `name` in `storage`, created on first use: it maximises the validation MCC, and every worker that opens it shares its trials."
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-    space = space or SearchSpace({})
+    space = space or SearchSpace()
     sampler, pruner = optuna.samplers.TPESampler(seed=seed, constant_liar=True), make_pruner(space.pruner)
     for attempt in range(3):  # two workers creating the tables at the same moment: one of them tries again
         try:

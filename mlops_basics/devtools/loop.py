@@ -9,13 +9,14 @@ import contextlib
 import datetime as dt
 import json
 import re
-import socket
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
+
+from .test_utils import free_port
 
 # %% auto #0
 __all__ = ['ALERT', 'AGREEMENT', 'BOUND', 'SCALE', 'COLOURS', 'rehearsal_rules', 'prometheus_config', 'local_prometheus',
@@ -39,9 +40,6 @@ def rehearsal_rules(rules: str, # the text of monitoring/prometheus/rules.yml
     return re.sub(r"(\[|offset |for: )(\d+)([smhd])\b", shrink, rules)
 
 # %% ../../nbs/13c_closing_the_loop.ipynb #dd444227
-def _free_port() -> int:
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
 def prometheus_config(targets: Sequence[str], # host:port of each app to scrape
                       interval_s: int = 1, # scrape and rule evaluation interval
                      ) -> str:
@@ -60,7 +58,7 @@ def local_prometheus(work: str | Path, # its configuration, rules, data and log 
     "Prometheus on 127.0.0.1 scraping `targets` with `rules` until the block ends; yields its URL."
     work = Path(work); work.mkdir(parents=True, exist_ok=True)
     (work/"prometheus.yml").write_text(prometheus_config(targets, interval_s)); (work/"rules.yml").write_text(rules)
-    url = f"http://127.0.0.1:{(port := _free_port())}"
+    url = f"http://127.0.0.1:{(port := free_port())}"
     with open(work/"prometheus.log", "wb") as log:
         proc = subprocess.Popen([binary, f"--config.file={work/'prometheus.yml'}", f"--storage.tsdb.path={work/'data'}",
                                  f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +15,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-
+from .test_utils import free_port
 
 # %% auto #0
-__all__ = ['STATE_COLOURS', 'local_prefect_server', 'run_history', 'format_history', 'plot_timeline', 'deployments_from_yaml']
+__all__ = ['STATE_COLOURS', 'local_prefect_server', 'run_history', 'format_history', 'plot_timeline']
 
 # %% ../../nbs/13a_prefect_server.ipynb #08423d68
-def _free_port() -> int:
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
 @contextlib.contextmanager
 def local_prefect_server(home: str | Path, # PREFECT_HOME of the server: its SQLite database, its log, the results
                          port: int | None = None, # None: a free port
@@ -34,7 +29,7 @@ def local_prefect_server(home: str | Path, # PREFECT_HOME of the server: its SQL
     "`prefect server start` on 127.0.0.1 (SQLite, no scheduler, no UI), with Prefect's settings pointing at it; yields the API URL."
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     home = Path(home).resolve(); home.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -125,20 +120,3 @@ def plot_timeline(history: list[dict[str, Any]], # from `run_history`
     ax.set_xlabel("seconds since the first task started")
     ax.legend(handles=[Patch(color=c, label=s) for s, c in STATE_COLOURS.items() if any(t["state"] == s for _, t in bars)], loc="upper right", fontsize=8)
     return ax
-
-# %% ../../nbs/13a_prefect_server.ipynb #da2e3cee
-def deployments_from_yaml(path: str | Path = "prefect.yaml", # a prefect.yaml with `deployments:` (entrypoint, parameters, schedules)
-                         ) -> list:
-    "The deployments of a prefect.yaml as Prefect `RunnerDeployment`s; `prefect.serve(*deployments_from_yaml())` runs them here."
-    import yaml
-    from prefect.schedules import Cron
-    spec = yaml.safe_load(Path(path).read_text())
-    deployments = []
-    for d in spec["deployments"]:
-        module, _, name = d["entrypoint"].partition(":")
-        flow_ = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
-        flow_.validate_parameters(d.get("parameters") or {})  # a typo in prefect.yaml fails here, not at 04:00 on Monday
-        deployments.append(flow_.to_deployment(name=d["name"], description=d.get("description"), tags=d.get("tags"), parameters=d.get("parameters") or {},
-                                               schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in d.get("schedules", [])],
-                                               _sync=True))  # a coroutine otherwise, where an event loop runs (a Jupyter kernel)
-    return deployments
