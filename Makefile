@@ -144,7 +144,7 @@ lint-fix: install-dev
 # The pages show the real model: run them after `make run` (it leaves artifacts/ and reports/), then commit nbs/.
 # Each page runs in the Jupyter kernel its metadata names, as in JupyterLab: the Prefect pages (13*, 98b) in .venv-prefect's;
 # Week 12a starts MLServer from .venv-mlserver and Week 7d MLflow's server from .venv-registry: each built when all pages are asked for, or a page that needs it.
-pages: install-dev $(if $(PAGES),$(if $(filter 13% 98b%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver) $(if $(filter 07d%,$(PAGES)),registry-venv),prefect-venv mlserver registry-venv)
+pages: install-dev $(if $(PAGES),$(if $(filter 13% 14c% 15b% 98b% 98e%,$(PAGES)),prefect-venv) $(if $(filter 12a%,$(PAGES)),mlserver) $(if $(filter 10c%,$(PAGES)),registry-venv),prefect-venv mlserver registry-venv)
 	cd nbs && HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false ../$(BIN)/python -c \
 	  "import sys; from mlops_basics.devtools.pages import main; sys.exit(main(sys.argv[1:]))" $(PAGES) $(if $(SLOW),--slow) $(if $(TIME_ONLY),--time-only)
 	$(BIN)/nbdev_clean

@@ -5,7 +5,7 @@ process's peak RSS (from wait4); at --ray-sizes it runs the same corpus on a loc
 (two raylets on this machine: on 2 cores the second node adds overhead, not speed). Targets: peak RSS flat within 10% across
 sizes; in process at least 90% of the quantisation benchmark's in-process throughput at the same batch size
 (benchmarks/results/quantization.json); Ray on one node at least 85% of in process. Writes benchmarks/results/batch.json
-(drawn on nbs/14_batch_scoring.ipynb). Run with nothing else busy:
+(drawn on nbs/15_batch_scoring.ipynb). Run with nothing else busy:
 
     python benchmarks/batch_benchmark.py [--serving-dir artifacts/serving] [--sizes 10000 100000 1000000] [--ray-sizes 10000]
 """

@@ -1,4 +1,4 @@
-"""`mlops-score` (nbs/14_batch_scoring.ipynb, nbs/14a_corpus.ipynb) on 10,000 rows and the tiny model: in process, resumed after a kill, with bad rows,
+"""`mlops-score` (nbs/15_batch_scoring.ipynb, nbs/15a_corpus.ipynb) on 10,000 rows and the tiny model: in process, resumed after a kill, with bad rows,
 an unreadable input, a filter and S3 (moto); on a real two-node Ray cluster on 127.0.0.1, also with its worker node's raylet killed."""
 
 import json

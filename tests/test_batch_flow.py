@@ -1,4 +1,4 @@
-"""`score/nightly` (nbs/13d_nightly_scoring.ipynb) from prefect.yaml, run by a Prefect process worker against a real Prefect
+"""`score/nightly` (nbs/15b_nightly_scoring.ipynb) from prefect.yaml, run by a Prefect process worker against a real Prefect
 server on the tiny model: the day's files scored, the prediction distribution and a drift window written into the monitoring
 data, and `mlops-monitor drift` reading that window. Prefect lives in .venv-prefect; the driver talks to it (as in test_orchestration.py)."""
 

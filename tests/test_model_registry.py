@@ -1,4 +1,4 @@
-"""The model registry (Week 7d) on a real MLflow server and PostgreSQL: versions, aliases, fetch by alias, restarts, the UI; the model card (Week 7c)."""
+"""The model registry (the registry page) on a real MLflow server and PostgreSQL: versions, aliases, fetch by alias, restarts, the UI; the model card (the model-card page)."""
 
 import json
 import re

@@ -52,7 +52,7 @@ SLOW_NEEDS = {"12a_mlserver": "mlserver_bin"}
 
 
 # Pages that start a program from another environment: that environment is made before they run.
-NEEDS = {"07d_model_registry": "mlflow_server_bin"}
+NEEDS = {"10c_model_registry": "mlflow_server_bin"}
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)

@@ -3,7 +3,7 @@ SQLite): retrain on the course's DVC pipeline with a tiny model, a local DVC rem
 registry; a push that fails once as a flaky network would and is retried; an unchanged model that is not released again; a failed
 quality gate that stops before any push or release; an unhealthy canary rolled back; drift that starts the retrain deployment of
 prefect.yaml; falling labelled agreement that starts it. The whole loop with a real Prometheus firing the agreement alert runs in
-nbs/13c_closing_the_loop.ipynb's slow cells (tests/test_notebooks.py), so it is not run twice. Prefect's pins clash with .venv's, so the flows run in
+nbs/14c_closing_the_loop.ipynb's slow cells (tests/test_notebooks.py), so it is not run twice. Prefect's pins clash with .venv's, so the flows run in
 .venv-prefect (mlops_basics.devtools.orchestration_driver) and these tests read what the API recorded."""
 
 import json
@@ -86,7 +86,7 @@ def world(prefect_api, prefect_python, moto_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_registry(mlflow_server_bin, tmp_path_factory):
-    "The model registry (Week 7d): MLflow's server on PostgreSQL, where the retrain flow registers its model and moves the aliases."
+    "The model registry (the registry page): MLflow's server on PostgreSQL, where the retrain flow registers its model and moves the aliases."
     work = tmp_path_factory.mktemp("model-registry")
     with local_postgres("mlflow") as database, mlflow_server(database, work / "files", free_port(), work / "server.log", mlflow_server_bin) as url:
         yield url

@@ -134,7 +134,7 @@ def test_jupyter_lab_serves_the_notebooks(tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert contents is not None, lab.stderr.read().decode()[-2000:] if lab.poll() is not None else "JupyterLab did not answer"
-        assert "00c_model.ipynb" in {item["name"] for item in contents["content"]}
+        assert "00b_model.ipynb" in {item["name"] for item in contents["content"]}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab?token={token}", timeout=10) as r:
             assert r.status == 200 and b"JupyterLab" in r.read()
     finally:

@@ -310,7 +310,7 @@ def test_training_notebook_runs_under_papermill(tmp_path):
     proc = subprocess.run(
         [
             str(BIN / "papermill"),
-            str(ROOT / "nbs" / "00c_model.ipynb"),
+            str(ROOT / "nbs" / "00b_model.ipynb"),
             str(out),
             "-p",
             "backbone",

@@ -267,7 +267,7 @@ def create_app(settings: ServeSettings | None = None, # the serving settings; No
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(413, body_too_large)
     add_predict_route(app)
-    add_feedback_route(app)  # users' true labels (serving.feedback, Week 5e)
+    add_feedback_route(app)  # users' true labels (serving.feedback, the feedback page)
     add_info_routes(app)
     from mlops_basics.serving.protocol import protocol_router  # imported here: the protocol module builds on this one
     app.router.routes.extend(protocol_router().routes)  # the Open Inference Protocol (KServe v2) next to /predict; the routes themselves, so known_paths sees them

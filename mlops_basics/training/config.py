@@ -36,9 +36,9 @@ class DataConfig:
     eval_batch_size: int = 128  # validation batch size
     num_workers: int = 0  # data loader worker processes
     group_by_length: bool = True  # batch sentences of similar length together
-    synthetic_negatives: float = 0.5  # rule-made ungrammatical sentences per training sentence (Week 0e); 0 adds none
-    negative_rules: Optional[list[str]] = None  # the Week 0e rules that make them; None: all of them
-    case_variants: float = 0.0  # share of training sentences written all upper or all lower case (Week 0e)
+    synthetic_negatives: float = 0.5  # rule-made ungrammatical sentences per training sentence (the negatives page); 0 adds none
+    negative_rules: Optional[list[str]] = None  # the the negatives page rules that make them; None: all of them
+    case_variants: float = 0.0  # share of training sentences written all upper or all lower case (the negatives page)
 
 @dataclass
 class TrainingConfig:
@@ -52,7 +52,7 @@ class TrainingConfig:
     resume: bool = True  # continue an interrupted run with the same config
     layer_decay: float = 1.0  # learning-rate factor per encoder layer going down (1: the same rate everywhere)
     reinit_layers: int = 0  # encoder layers re-initialised from the top before training
-    distill_from: Optional[str] = None  # a teacher to distil (Week 0f): a serving or artifacts directory; None trains on the labels alone
+    distill_from: Optional[str] = None  # a teacher to distil (the distillation page): a serving or artifacts directory; None trains on the labels alone
     distill_weight: float = 0.5  # share of the teacher's term in the loss
     distill_temperature: float = 2.0  # softens the teacher's probabilities
 
@@ -162,7 +162,7 @@ def validate_config(cfg: DictConfig, # a composed training config
         (cfg.data.synthetic_negatives >= 0, "data.synthetic_negatives must be 0 or more"),
         (0 <= cfg.data.case_variants <= 1, "data.case_variants must be in [0, 1]"),
         (cfg.data.negative_rules is None or 0 < len(cfg.data.negative_rules) and set(cfg.data.negative_rules) <= set(PERTURBATIONS),
-         f"data.negative_rules must be null (all of them) or some of Week 0e's rules ({', '.join(PERTURBATIONS)})"),
+         f"data.negative_rules must be null (all of them) or some of the negatives page's rules ({', '.join(PERTURBATIONS)})"),
         (0 < cfg.training.layer_decay <= 1, "training.layer_decay must be in (0, 1]"),
         (cfg.training.reinit_layers >= 0, "training.reinit_layers must be 0 or more"),
         (cfg.training.distill_from is None or (Path(cfg.training.distill_from)/"metadata.json").is_file(),

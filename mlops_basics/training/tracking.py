@@ -57,7 +57,7 @@ def make_logger(kind: str, # wandb, mlflow, csv or none
     if kind == "csv":
         from pytorch_lightning.loggers import CSVLogger
         return CSVLogger(save_dir, name="csv")
-    if kind == "mlflow":  # the registry's server (Week 7d): $MLFLOW_TRACKING_URI, else files under save_dir
+    if kind == "mlflow":  # the registry's server (the registry page): $MLFLOW_TRACKING_URI, else files under save_dir
         from pytorch_lightning.loggers import MLFlowLogger
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(save_dir).resolve()/"mlruns").as_uri()
         return MLFlowLogger(experiment_name=project, run_name=run_name, tracking_uri=uri, tags={t: "true" for t in tags}, log_model=False)

@@ -29,7 +29,7 @@ def _visualization(vid: str, title: str, vis_type: str, aggs: list[dict], params
             "references": [{"name": "kibanaSavedObjectMeta.searchSourceJSON.index", "type": "index-pattern", "id": INDEX_PATTERN_ID}]}
 
 def _agreement_panel(line: dict[str, Any]) -> dict[str, Any]:
-    "Labelled agreement over time: the share of checked feedback whose label is the one the model predicted (Week 5e, 9d)."
+    "Labelled agreement over time: the share of checked feedback whose label is the one the model predicted (the feedback and evaluation pages)."
     return _visualization("mlops-labelled-agreement", "Labelled agreement (share of checked feedback that agrees)", "line",
                           [{"id": "1", "enabled": True, "type": "avg", "schema": "metric", "params": {"field": "agree"}}, _time_axis()],
                           line, "doc_type : feedback and verified : 1")

@@ -31,7 +31,7 @@ __all__ = ['EVENTS', 'ROW_FIELDS', 'INDEX_PREFIX', 'parse_log_line', 'read_log_l
            'main']
 
 # %% ../../../nbs/09a_shipping.ipynb #5c6d9967
-EVENTS = ("predict", "request", "feedback")  # the `event` values of the app's request log (feedback: Week 5e)
+EVENTS = ("predict", "request", "feedback")  # the `event` values of the app's request log (feedback: the feedback page)
 
 def parse_log_line(line: str, # one line of a log stream
                   ) -> dict[str, Any] | None:

@@ -246,7 +246,7 @@ def retrain_flow(repo: str = ".", # the checkout with the DVC pipeline
                  canary_metrics: str | Any = "cloudwatch", # metrics source, or its name in CANARY_METRICS
                  tools: str | None = None, # directories of the course's tools (a PATH prefix), e.g. .venv/bin
                  retry_delay_s: float = 30, # pause before retrying a transient fault
-                 model_registry: str | None = None, # the model registry's URL (Week 7d): register, then move challenger and champion
+                 model_registry: str | None = None, # the model registry's URL (the registry page): register, then move challenger and champion
                 ) -> dict[str, Any]:
     "Retrain on new data, and release the model if it is at least as good as the live one: pipeline, gate, pushes, canary."
     root = Path(repo).resolve()
@@ -310,7 +310,7 @@ def monitor_flow(logs: str, # the app's log file, or cloudwatch:GROUP
     labelled = work/"feedback.jsonl" if (work/"feedback.jsonl").exists() and (work/"feedback.jsonl").stat().st_size else None
     summary = drift_check(Path(serving_dir).resolve(), reference, work/"window.jsonl", work/"drift", tools, labelled)
     falling = bool(labelled) and run_tool(["mlops-monitor", "evaluate", "--feedback", labelled, "--serving-dir", Path(serving_dir).resolve(),
-                                           "--out", work/"evaluation.json"], tools=tools, ok_codes=(0, 1)).returncode == 1  # users' labels (Week 9d)
+                                           "--out", work/"evaluation.json"], tools=tools, ok_codes=(0, 1)).returncode == 1  # users' labels (the evaluation page)
     triggered = None
     if summary["failed"] or falling:
         if retrain_deployment:
