@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--ray-sizes", type=int, nargs="*", default=[10_000])
     parser.add_argument("--batch-size", type=int, default=32, help="as the quantisation benchmark's in-process throughput")
+    parser.add_argument("--shard-rows", type=int, default=1000, help="rows per shard: enough shards at 10k for every Ray actor")
     parser.add_argument("--note", default="", help="what was not run, and why")
     parser.add_argument("--out", default=str(RESULT))
     args = parser.parse_args()
@@ -117,7 +118,8 @@ def main() -> None:
         work = Path(tmp)
         for size in args.sizes:
             corpus = write_corpus(work / f"corpus-{size}.txt", sentences, size)
-            runs.append(measured(corpus, work, args.serving_dir, args.batch_size, "in process", size))
+            split = ("--shard-rows", str(args.shard_rows))
+            runs.append(measured(corpus, work, args.serving_dir, args.batch_size, "in process", size, *split))
             print(json.dumps(runs[-1]), flush=True)
             if size in args.ray_sizes:
                 for nodes, (head_cpus, workers) in {1: (2, 0), 2: (1, 1)}.items():
@@ -130,6 +132,7 @@ def main() -> None:
                                 args.batch_size,
                                 f"Ray, {nodes} node{'s' * (nodes > 1)}",
                                 size,
+                                *split,
                                 "--ray",
                                 cluster.address,
                                 "--actors",
@@ -172,6 +175,7 @@ def main() -> None:
         "model": model_version(metadata),
         "backbone": metadata.get("backbone"),
         "batch_size": args.batch_size,
+        "shard_rows": args.shard_rows,
         "machine": {"platform": f"{platform.machine()}", "cpus": os.cpu_count()},
         "date": dt.date.today().isoformat(),
         "runs": runs,

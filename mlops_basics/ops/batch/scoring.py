@@ -23,7 +23,8 @@ from ...serving.predictor import ONNXPredictor
 
 # %% auto #0
 __all__ = ['HISTOGRAM_BINS', 'SCHEMA_KEY', 'ScoreSettings', 'score_rows', 'commit_shard', 'score_shard', 'prepare_output',
-           'shard_counts', 'finish', 'ShardScorer', 'score_on_ray', 'score_corpus', 'window_rows', 'parse_args', 'main']
+           'shard_counts', 'finish', 'ShardScorer', 'idle_actors', 'score_on_ray', 'score_corpus', 'window_rows',
+           'parse_args', 'main']
 
 # %% ../../../nbs/15_batch_scoring.ipynb #61db44ff
 HISTOGRAM_BINS = 10  # of the probability of acceptable, over [0, 1]: the prediction distribution a run records
@@ -154,6 +155,14 @@ class ShardScorer:
         return {"name": np.array([Shard(int(f), int(c), 0).name for f, c in zip(batch["file"], batch["chunk"])]),
                 "counts": np.array([json.dumps(c) for c in counts])}
 
+# %% ../../../nbs/15_batch_scoring.ipynb #36becb3d
+def idle_actors(shards: int, # shards left to score
+                actors: int, # actors in the pool
+               ) -> str | None:
+    "A warning when some actors would get no shard, else None."
+    if shards >= actors: return None
+    return f"{shards} shard{'s' * (shards != 1)} for {actors} actors: {actors - shards} will idle; a smaller --shard-rows gives each work"
+
 # %% ../../../nbs/15_batch_scoring.ipynb #d4bc4a0d
 def score_on_ray(address: str, # "auto": the cluster this machine runs (or a new local one); else host:port or ray://host:port
                  serving_dir: str, corpus: Corpus, shards: Sequence[Shard], output: str, settings: ScoreSettings,
@@ -168,6 +177,7 @@ def score_on_ray(address: str, # "auto": the cluster this machine runs (or a new
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if warning := idle_actors(len(shards), actors): print(warning, file=sys.stderr)
         items = [{"file": s.file, "chunk": s.chunk, "rows": s.rows} for s in shards]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
             ShardScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
