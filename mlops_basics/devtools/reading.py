@@ -78,7 +78,7 @@ def reading(notebook: str | Path, # a notebook, raw or as nbdev's pre-processing
     path = Path(notebook)
     cells = json.loads(path.read_text())["cells"]
     r = Reading(path.stem)
-    code_cells = [c for c in cells if c["cell_type"] == "code"]
+    shown = [c for c in cells if c["cell_type"] == "code" and shows_code("".join(c["source"]))]  # the code a reader sees, in order
     for c in cells:
         src = "".join(c["source"])
         if c["cell_type"] == "markdown":
@@ -91,8 +91,8 @@ def reading(notebook: str | Path, # a notebook, raw or as nbdev's pre-processing
             if not shows_code(src): continue
             r.visible_checks += len(CHECK.findall(src))
             r.code_lines += sum(1 for l in src.splitlines() if l.strip() and not l.startswith("#|"))
-            k = code_cells.index(c)
-            following = "".join(code_cells[k + 1]["source"]) if k + 1 < len(code_cells) else ""
+            k = shown.index(c)
+            following = "".join(shown[k + 1]["source"]) if k + 1 < len(shown) else ""
             uses_at_once = any(re.search(rf"\b{re.escape(n)}\b", following) for n in _binds(src))
             if not c.get("outputs") and not CHECK.search(src) and not uses_at_once: r.silent_examples.append(cells.index(c))
     return r

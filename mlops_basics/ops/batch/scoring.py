@@ -155,7 +155,7 @@ class ShardScorer:
         return {"name": np.array([Shard(int(f), int(c), 0).name for f, c in zip(batch["file"], batch["chunk"])]),
                 "counts": np.array([json.dumps(c) for c in counts])}
 
-# %% ../../../nbs/15_batch_scoring.ipynb #36becb3d
+# %% ../../../nbs/15_batch_scoring.ipynb #4386b3e4
 def idle_actors(shards: int, # shards left to score
                 actors: int, # actors in the pool
                ) -> str | None:
