@@ -13,7 +13,6 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-import botocore.exceptions
 from pydantic import ValidationError
 
 from mlops_basics.ops.release.ecr import (
@@ -59,10 +58,11 @@ def wait_until_updated(lam, # a boto3 Lambda client
                        timeout_s: float = 300, # give up after this long
                       ) -> dict[str, Any]:
     "Wait until the function is Active and its last update Successful (boto3's Lambda waiters); its configuration."
+    from botocore.exceptions import WaiterError  # botocore comes with boto3: `mlops-deploy` without it names boto3
     polls = {"Delay": 2, "MaxAttempts": max(1, round(timeout_s / 2))}
     try:
         for waiter in ("function_active_v2", "function_updated_v2"): lam.get_waiter(waiter).wait(FunctionName=name, WaiterConfig=polls)
-    except botocore.exceptions.WaiterError as e:
+    except WaiterError as e:
         config = (e.last_response or {}).get("Configuration", {})
         raise DeployError(f"function {name}: {config.get('State')}/{config.get('LastUpdateStatus')}: "
                           f"{config.get('StateReason') or config.get('LastUpdateStatusReason') or e}") from None
