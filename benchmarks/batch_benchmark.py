@@ -93,12 +93,23 @@ def measured(corpus: Path, work: Path, serving_dir: str, batch_size: int, mode: 
     shutil.rmtree(out, ignore_errors=True)
     return {
         "mode": mode,
+        "date": dt.date.today().isoformat(),
         "sentences": size,
         "scored": summary["scored"],
         "sentences_per_s": round(summary["scored"] / result["seconds"], 1),
         "seconds": result["seconds"],
         "peak_rss_mib": result["peak_rss_mib"] if mode == "in process" else None,  # on Ray the work is in the actors, not this process
     }
+
+
+def merged_runs(recorded: dict, runs: list[dict], model: str) -> list[dict]:
+    "The recorded runs this run did not repeat, then this run's, in order of size; only runs of the same model merge."
+    if recorded.get("model") != model:
+        raise SystemExit(f"--merge: {recorded.get('model')} was recorded, this is {model}; run every size again")
+    date = recorded.get("date")
+    done = {(r["mode"], r["sentences"]) for r in runs}
+    kept = [{"date": date, **r} for r in recorded["runs"] if (r["mode"], r["sentences"]) not in done]
+    return sorted(kept + runs, key=lambda r: r["sentences"])
 
 
 def main() -> None:
@@ -110,6 +121,7 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=1000, help="rows per shard: enough shards at 10k for every Ray actor")
     parser.add_argument("--note", default="", help="what was not run, and why")
     parser.add_argument("--out", default=str(RESULT))
+    parser.add_argument("--merge", action="store_true", help="keep the recorded runs of modes and sizes not run this time")
     args = parser.parse_args()
     metadata = read_metadata(args.serving_dir)
     sentences = corpus_sentences()
@@ -141,6 +153,8 @@ def main() -> None:
                         )
                     print(json.dumps(runs[-1]), flush=True)
             corpus.unlink()
+    if args.merge and Path(args.out).exists():
+        runs = merged_runs(json.loads(Path(args.out).read_text()), runs, model_version(metadata))
     quantization = json.loads((ROOT / "benchmarks" / "results" / "quantization.json").read_text())["models"]["default"]
     method = (
         quantization["variants"].get(quantization.get("int8_method", ""), {})

@@ -275,3 +275,23 @@ def test_batch_scoring_imports_no_torch():
     )
     proc = subprocess.run([str(BIN / "python"), "-c", probe], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_the_benchmark_merges_only_runs_of_the_same_model(monkeypatch):
+    "--merge keeps the recorded runs this one did not repeat, with their dates, replaces those it did, and refuses another model's."
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from batch_benchmark import merged_runs
+
+    def run(mode, sentences, rate, date=None):
+        return {"mode": mode, "sentences": sentences, "sentences_per_s": rate} | ({"date": date} if date else {})
+
+    recorded = {"model": "abc-int8", "date": "2026-12-07", "runs": [run("in process", 10, 1.0), run("Ray, 1 node", 10, 2.0), run("in process", 100, 3.0)]}
+    new = [run("in process", 100, 4.0, "2026-12-08"), run("in process", 1000, 5.0, "2026-12-08")]
+    assert merged_runs(recorded, new, "abc-int8") == [
+        run("in process", 10, 1.0, "2026-12-07"),
+        run("Ray, 1 node", 10, 2.0, "2026-12-07"),
+        run("in process", 100, 4.0, "2026-12-08"),
+        run("in process", 1000, 5.0, "2026-12-08"),
+    ]
+    with pytest.raises(SystemExit, match="abc-int8 was recorded, this is def-int8"):
+        merged_runs(recorded, new, "def-int8")

@@ -14,8 +14,8 @@ from pathlib import PurePosixPath
 from typing import Any, Iterator
 
 # %% auto #0
-__all__ = ['FORMATS', 'GLOB_CHARS', 'HISTOGRAM_BINS', 'ScoringError', 'Corpus', 'open_corpus', 'read_rows', 'count_rows', 'Shard',
-           'plan_shards', 'shard_rows']
+__all__ = ['FORMATS', 'GLOB_CHARS', 'ScoringError', 'Corpus', 'open_corpus', 'read_rows', 'count_rows', 'Shard', 'plan_shards',
+           'shard_rows']
 
 # %% ../../../nbs/15a_corpus.ipynb #bc39d171
 class ScoringError(RuntimeError):
@@ -23,7 +23,6 @@ class ScoringError(RuntimeError):
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 GLOB_CHARS = set("*?[")
-HISTOGRAM_BINS = 10  # of the probability of acceptable, over [0, 1]: the prediction distribution a run records
 
 # %% ../../../nbs/15a_corpus.ipynb #3227af8a
 @dataclass(frozen=True)
