@@ -285,7 +285,11 @@ def test_the_benchmark_merges_only_runs_of_the_same_model(monkeypatch):
     def run(mode, sentences, rate, date=None):
         return {"mode": mode, "sentences": sentences, "sentences_per_s": rate} | ({"date": date} if date else {})
 
-    recorded = {"model": "abc-int8", "date": "2026-12-07", "runs": [run("in process", 10, 1.0), run("Ray, 1 node", 10, 2.0), run("in process", 100, 3.0)]}
+    recorded = {
+        "model": "abc-int8",
+        "date": "2026-12-07",
+        "runs": [run("in process", 10, 1.0), run("Ray, 1 node", 10, 2.0), run("in process", 100, 3.0)],
+    }
     new = [run("in process", 100, 4.0, "2026-12-08"), run("in process", 1000, 5.0, "2026-12-08")]
     assert merged_runs(recorded, new, "abc-int8") == [
         run("in process", 10, 1.0, "2026-12-07"),
