@@ -7,7 +7,9 @@ sizes; in process at least 90% of the quantisation benchmark's in-process throug
 (benchmarks/results/quantization.json); Ray on one node at least 85% of in process. Writes benchmarks/results/batch.json
 (drawn on nbs/15_batch_scoring.ipynb). Run with nothing else busy:
 
-    python benchmarks/batch_benchmark.py [--serving-dir artifacts/serving] [--sizes 10000 100000 1000000] [--ray-sizes 10000]
+    python benchmarks/batch_benchmark.py [--serving-dir artifacts/serving] [--sizes 10000 100000 1000000] [--ray-sizes 10000] [--merge]
+
+--merge adds the sizes run now to the recorded runs of the same model (each run is dated), so one size can be re-measured alone.
 """
 
 import argparse
